@@ -1,0 +1,108 @@
+"""Token dispatcher that sends each (token, expert) pair to one replica of its expert.
+
+Plugs into Megatron-Core's ``MoETokenDispatcher`` interface, so ``MoELayer.forward`` drives
+it unchanged. Per forward pass it
+
+1. all-gathers the ``[E]`` routed-pair counts of every rank (``[N, E]``, a few hundred bytes):
+   their column sums are the expert popularity the next placement is planned from, and the
+   matrix is the input of the split plan;
+2. computes the deterministic split plan (``placement.send_counts`` / ``recv_counts``) that
+   gives each replica of an expert the same number of pairs, preferring local replicas;
+3. sends pairs to slots with one variable-size all-to-all, and results back with another.
+
+Router probabilities never travel: they scale the expert outputs on the source rank when
+results are combined, which is the same function as scaling inside the expert
+(fc2 is linear). Every routed pair is computed exactly once: dropless by construction.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron.core.tensor_parallel import all_to_all
+from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
+
+from megatron_swiftmoe.placement import recv_counts, send_counts
+
+
+def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inverse
+
+
+class SwiftMoETokenDispatcher(MoETokenDispatcher):
+    """Dispatches to the replica slots of ``layer`` (a :class:`SwiftMoELayer`).
+
+    The layer owns the placement ``[N, S]`` and the popularity counter; the dispatcher
+    reads the placement and adds to the counter during training forward passes.
+    """
+
+    def __init__(self, layer, config, pg_collection) -> None:
+        super().__init__(config=config, pg_collection=pg_collection)
+        self.layer = layer
+        self.group = layer.group
+        self.num_ranks = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.slots_per_rank = layer.slots_per_rank
+        self.last_routed_pairs = 0
+        self.last_tokens_per_slot: torch.Tensor | None = None
+
+    def dispatch_preprocess(self, tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
+        """Plan the split and gather the pairs in send order (slot-major, grouped by rank).
+
+        tokens: ``[s, b, H]``; routing_map: bool ``[T, E]``; probs: ``[T, E]``.
+        Returns ``([P, H] pair inputs, None)``.
+        """
+        self.hidden_shape = tokens.shape
+        hidden = tokens.reshape(-1, tokens.shape[-1])
+        local_counts = routing_map.sum(0).to(torch.int64)
+        counts = local_counts.new_empty(self.num_ranks * local_counts.numel())
+        dist.all_gather_into_tensor(counts, local_counts, group=self.group)
+        counts = counts.view(self.num_ranks, -1)
+        if self.layer.training and torch.is_grad_enabled():
+            self.layer.step_popularity += counts.sum(0)
+
+        placement = self.layer.placement
+        send = send_counts(counts, placement, self.rank)  # [N*S]
+        recv = recv_counts(counts, placement, self.rank)  # [S, N]
+
+        # Pairs sorted by expert; each expert's pairs fill its slots in flat slot order.
+        pair_expert, pair_token = routing_map.T.nonzero(as_tuple=True)
+        slots_by_expert = torch.argsort(placement.flatten(), stable=True)
+        pair_slot = torch.repeat_interleave(slots_by_expert, send[slots_by_expert])
+        send_order = torch.argsort(pair_slot, stable=True)
+        self.pair_token = pair_token[send_order]
+        self.pair_prob = probs[pair_token, pair_expert][send_order]
+        self.send_splits = send.view(self.num_ranks, -1).sum(1).tolist()
+        self.recv_splits = recv.sum(0).tolist()
+
+        # Arrivals come source-major; experts want them slot-major.
+        local_slots = torch.arange(self.slots_per_rank, device=recv.device).repeat(self.num_ranks)
+        arrival_slot = torch.repeat_interleave(local_slots, recv.T.flatten())
+        self.slot_major = torch.argsort(arrival_slot, stable=True)
+        self.tokens_per_slot = recv.sum(1)
+        self.last_routed_pairs = int(local_counts.sum())
+        self.last_tokens_per_slot = self.tokens_per_slot
+        return hidden[self.pair_token], None
+
+    def token_dispatch(self, hidden_states: torch.Tensor, probs):
+        return all_to_all(self.group, hidden_states, self.recv_splits, self.send_splits), probs
+
+    def dispatch_postprocess(self, hidden_states: torch.Tensor, probs):
+        return hidden_states[self.slot_major], self.tokens_per_slot, None
+
+    def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states[_inverse_permutation(self.slot_major)]
+
+    def token_combine(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return all_to_all(self.group, hidden_states, self.send_splits, self.recv_splits)
+
+    def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Scale each pair's output by its router probability and sum per token."""
+        weighted = hidden_states * self.pair_prob.unsqueeze(-1).to(hidden_states.dtype)
+        num_tokens = self.hidden_shape[:-1].numel()
+        output = weighted.new_zeros(num_tokens, weighted.shape[-1])
+        output = output.index_add(0, self.pair_token, weighted)
+        return output.view(self.hidden_shape)

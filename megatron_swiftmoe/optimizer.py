@@ -1,0 +1,333 @@
+"""Distributed optimizer for models with SwiftMoE layers: static shards, moving replicas.
+
+* Dense (non-expert) parameters: ZeRO-1 over the data-parallel group. Gradients are
+  reduce-scattered, AdamW updates fp32 master shards, parameters are all-gathered.
+* Expert parameters: for every layer and expert, the fp32 master weights and Adam moments
+  are split into N equal shards and rank r owns shard r of every expert for the whole run.
+  After backward, the gradients of all replicas of an expert reach the shard owners summed
+  (replicas on one rank are summed locally first, then one all-to-all delivers every shard to
+  its owner: a sparse reduce-scatter). After the step each owner sends its updated shard of
+  expert e to every rank that holds e in the *next* placement (one all-to-all). That is the
+  only transfer of expert parameters; optimizer state never moves.
+
+AdamW itself is ``torch.optim.AdamW`` running on the master shards, so the update is the same
+elementwise math as a single-process ``AdamW`` over the unreplicated model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
+
+from megatron_swiftmoe.layer import SwiftMoELayer, master_dtype, plan_placement
+
+
+
+def _padded(numel: int, num_ranks: int) -> int:
+    return -(-numel // num_ranks) * num_ranks
+
+
+def _attach_main_grad(param: torch.nn.Parameter) -> None:
+    """Accumulate micro-batch gradients of low-precision params in fp32 (``param.main_grad``)."""
+    param.main_grad = None
+
+    def accumulate(p: torch.nn.Parameter) -> None:
+        grad = p.grad.to(master_dtype(p.dtype))
+        p.main_grad = grad if p.main_grad is None else p.main_grad.add_(grad)
+        p.grad = None
+
+    param.register_post_accumulate_grad_hook(accumulate)
+
+
+def _grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    return param.main_grad if hasattr(param, "main_grad") else param.grad
+
+
+class DynamicLossScaler:
+    """fp16 loss scaling: halve on overflow, double after ``growth_interval`` clean steps."""
+
+    def __init__(self, initial_scale: float = 2.0**16, growth_interval: int = 1000, min_scale: float = 1.0):
+        self.scale = float(initial_scale)
+        self.growth_interval = growth_interval
+        self.min_scale = min_scale
+        self._clean_steps = 0
+
+    def update(self, found_inf: bool) -> None:
+        if found_inf:
+            self.scale = max(self.scale / 2.0, self.min_scale)
+            self._clean_steps = 0
+            return
+        self._clean_steps += 1
+        if self._clean_steps >= self.growth_interval:
+            self.scale *= 2.0
+            self._clean_steps = 0
+
+
+class _DenseShard:
+    """ZeRO-1 shard of a list of dense parameters flattened into one padded vector."""
+
+    def __init__(self, params: list[torch.nn.Parameter], group: dist.ProcessGroup):
+        self.params = params
+        self.group = group
+        num_ranks = dist.get_world_size(group)
+        numel = sum(p.numel() for p in params)
+        self.padded = _padded(numel, num_ranks)
+        self.shard_numel = self.padded // num_ranks
+        start = dist.get_rank(group) * self.shard_numel
+        self.dtype = master_dtype(params[0].dtype)
+        flat = self._flatten([p.detach() for p in params], self.dtype)
+        self.master = flat[start : start + self.shard_numel].clone().requires_grad_()
+
+    def _flatten(self, tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        flat = torch.zeros(self.padded, dtype=dtype, device=self.params[0].device)
+        offset = 0
+        for tensor in tensors:
+            flat[offset : offset + tensor.numel()] = tensor.reshape(-1)
+            offset += tensor.numel()
+        return flat
+
+    def reduce_scatter_grads(self, num_ranks: int) -> int:
+        """Sum gradients over ranks into ``master.grad`` (averaged). Returns bytes sent."""
+        grads = [_grad(p) if _grad(p) is not None else torch.zeros_like(p) for p in self.params]
+        flat = self._flatten(grads, self.dtype)
+        shard = flat.new_empty(self.shard_numel)
+        dist.reduce_scatter_tensor(shard, flat, group=self.group)
+        self.master.grad = shard.div_(num_ranks)
+        return flat.numel() * flat.element_size()
+
+    @torch.no_grad()
+    def all_gather_params(self) -> int:
+        """Write the updated master shards into the model parameters. Returns bytes sent."""
+        dtype = self.params[0].dtype
+        shard = self.master.detach().to(dtype)
+        full = shard.new_empty(self.padded)
+        dist.all_gather_into_tensor(full, shard, group=self.group)
+        offset = 0
+        for param in self.params:
+            param.copy_(full[offset : offset + param.numel()].view_as(param))
+            offset += param.numel()
+        return shard.numel() * shard.element_size()
+
+
+class _ExpertShards:
+    """Rank r's shard r of every expert of one SwiftMoE layer: master ``[E, P/N]`` in fp32."""
+
+    def __init__(self, layer: SwiftMoELayer):
+        if layer.initial_expert_weights is None:
+            raise ValueError(
+                "SwiftMoE layer has no initial expert weights: build the optimizer right after the "
+                "model (or call layer.load_expert_weights) and before training"
+            )
+        self.layer = layer
+        self.group = layer.group
+        self.num_ranks = layer.num_ranks
+        self.expert_numel = layer.experts.expert_numel
+        self.padded = _padded(self.expert_numel, self.num_ranks)
+        self.shard_numel = self.padded // self.num_ranks
+        full = torch.nn.functional.pad(layer.initial_expert_weights, (0, self.padded - self.expert_numel))
+        start = layer.rank * self.shard_numel
+        self.master = full[:, start : start + self.shard_numel].clone().requires_grad_()
+        layer.initial_expert_weights = None
+
+    def _distinct(self, placement: torch.Tensor) -> list[torch.Tensor]:
+        """Sorted distinct experts held by each rank: N tensors."""
+        return [torch.unique(row) for row in placement]
+
+    def reduce_scatter_grads(self) -> int:
+        """Sum all replicas' gradients into the owners' ``master.grad`` (averaged over ranks).
+
+        Local replicas of one expert are summed first, then every rank sends shard r of each of
+        its distinct experts to rank r. Returns bytes sent.
+        """
+        experts = self.layer.experts
+        slot_grads = [
+            (_grad(p) if _grad(p) is not None else torch.zeros_like(p)).to(self.master.dtype)
+            for p in (experts.fc1, experts.fc2)
+        ]
+        slot_flat = experts.flat_slots(*slot_grads)  # [S, P]
+        distinct = self._distinct(self.layer.placement)
+        local_experts, inverse = torch.unique(self.layer.slot_experts, return_inverse=True)
+        summed = slot_flat.new_zeros(local_experts.numel(), self.padded)
+        summed[:, : self.expert_numel].index_add_(0, inverse, slot_flat)
+        # [U, N, shard] -> [N, U, shard]: destination-major for the all-to-all.
+        send = summed.view(-1, self.num_ranks, self.shard_numel).transpose(0, 1).contiguous()
+        recv_rows = [d.numel() * self.shard_numel for d in distinct]
+        recv = send.new_empty(sum(recv_rows))
+        dist.all_to_all_single(
+            recv,
+            send.view(-1),
+            output_split_sizes=recv_rows,
+            input_split_sizes=[local_experts.numel() * self.shard_numel] * self.num_ranks,
+            group=self.group,
+        )
+        grad = torch.zeros_like(self.master)
+        grad.index_add_(0, torch.cat(distinct), recv.view(-1, self.shard_numel))
+        self.master.grad = grad.div_(self.num_ranks)
+        return send.numel() * send.element_size()
+
+    @torch.no_grad()
+    def scatter_params(self, next_placement: torch.Tensor) -> int:
+        """Send updated shards to the slots of ``next_placement`` and install it. Returns bytes sent."""
+        experts = self.layer.experts
+        dtype = experts.fc1.dtype
+        distinct = self._distinct(next_placement)
+        send = torch.cat([self.master.detach()[d] for d in distinct]).to(dtype)
+        send_rows = [d.numel() * self.shard_numel for d in distinct]
+        mine = distinct[self.layer.rank]
+        recv = send.new_empty(self.num_ranks, mine.numel(), self.shard_numel)
+        dist.all_to_all_single(
+            recv.view(-1),
+            send.view(-1),
+            output_split_sizes=[mine.numel() * self.shard_numel] * self.num_ranks,
+            input_split_sizes=send_rows,
+            group=self.group,
+        )
+        full = recv.transpose(0, 1).reshape(mine.numel(), self.padded)[:, : self.expert_numel]
+        slot_experts = next_placement[self.layer.rank]
+        experts.load_flat(full[torch.searchsorted(mine, slot_experts)])
+        self.layer.set_placement(next_placement)
+        return send.numel() * send.element_size()
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step did. Bytes are what this rank handed to collectives."""
+
+    grad_norm: float = 0.0
+    skipped: bool = False
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+
+
+class SwiftMoEOptimizer:
+    """AdamW over a model containing :class:`SwiftMoELayer` layers, sharded as described above.
+
+    Args:
+        model: the model or its chunks.
+        lr, weight_decay, betas, eps: AdamW settings. Biases and 1-D parameters (norms) get no
+            weight decay, as in Megatron.
+        clip_grad: global gradient-norm clip (0 disables); every parameter counts once,
+            not once per replica.
+        group: data-parallel group; defaults to Megatron's.
+        loss_scaler: a :class:`DynamicLossScaler` for fp16; ``None`` for fp32/bf16.
+
+    Usage per step: ``zero_grad()``, forward/backward over the micro-batches
+    (``scale_loss(loss).backward()``), then ``step()``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Iterable[torch.nn.Module],
+        lr: float,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        clip_grad: float = 0.0,
+        group: Optional[dist.ProcessGroup] = None,
+        loss_scaler: Optional[DynamicLossScaler] = None,
+    ):
+        modules = [model] if isinstance(model, torch.nn.Module) else list(model)
+        self.group = group or parallel_state.get_data_parallel_group()
+        self.num_ranks = dist.get_world_size(self.group)
+        self.clip_grad = clip_grad
+        self.loss_scaler = loss_scaler
+        self.layers = [m for module in modules for m in module.modules() if isinstance(m, SwiftMoELayer)]
+        slot_params = {id(p) for layer in self.layers for p in layer.experts.parameters()}
+
+        decay, no_decay, seen = [], [], set()
+        for module in modules:
+            for name, param in module.named_parameters():
+                if not param.requires_grad or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                if param.dtype != master_dtype(param.dtype):
+                    _attach_main_grad(param)
+                if id(param) in slot_params:
+                    continue
+                (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
+        self.dense = [_DenseShard(params, self.group) for params in (decay, no_decay) if params]
+        self.expert_shards = [_ExpertShards(layer) for layer in self.layers]
+        self._params = [p for module in modules for p in module.parameters() if p.requires_grad]
+
+        groups = []
+        if decay:
+            groups.append({"params": [self.dense[0].master], "weight_decay": weight_decay})
+        if no_decay:
+            groups.append({"params": [self.dense[-1].master], "weight_decay": 0.0})
+        if self.expert_shards:
+            groups.append({"params": [s.master for s in self.expert_shards], "weight_decay": weight_decay})
+        self.adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """AdamW's param groups (``lr`` and ``weight_decay`` may be set by a scheduler)."""
+        return self.adamw.param_groups
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.loss_scaler.scale if self.loss_scaler else loss
+
+    def zero_grad(self) -> None:
+        for param in self._params:
+            param.grad = None
+            if hasattr(param, "main_grad"):
+                param.main_grad = None
+
+    def _masters(self) -> list[torch.Tensor]:
+        return [s.master for s in self.dense] + [s.master for s in self.expert_shards]
+
+    def _unscale_and_norm(self) -> tuple[float, bool]:
+        """Unscale gradients (fp16), then the global norm over owned shards and an inf check."""
+        grads = [m.grad for m in self._masters()]
+        if self.loss_scaler:
+            for grad in grads:
+                grad.div_(self.loss_scaler.scale)
+        sum_sq = torch.stack([g.double().square().sum() for g in grads]).sum() if grads else torch.zeros(())
+        sum_sq = sum_sq.to(grads[0].device if grads else "cpu")
+        dist.all_reduce(sum_sq, group=self.group)
+        norm = math.sqrt(sum_sq.item())
+        return norm, not math.isfinite(norm)
+
+    def step(self) -> StepStats:
+        """Reduce gradients to their owners, clip, AdamW, send parameters to the next placement."""
+        stats = StepStats()
+        sent = stats.bytes_sent
+        sent["dense_grad"] = sum(d.reduce_scatter_grads(self.num_ranks) for d in self.dense)
+        sent["expert_grad"] = sum(s.reduce_scatter_grads() for s in self.expert_shards)
+
+        stats.grad_norm, stats.skipped = self._unscale_and_norm()
+        if self.loss_scaler:
+            self.loss_scaler.update(stats.skipped)
+        if not stats.skipped:
+            clip_coeff = self.clip_grad / (stats.grad_norm + 1e-6)  # Megatron's (and torch's) rule
+            if self.clip_grad > 0 and clip_coeff < 1.0:
+                for master in self._masters():
+                    master.grad.mul_(clip_coeff)
+            self.adamw.step()
+
+        sent["dense_param"] = sum(d.all_gather_params() for d in self.dense)
+        sent["expert_param"] = 0
+        for shards in self.expert_shards:
+            layer = shards.layer
+            next_placement = plan_placement(layer.step_popularity, self.num_ranks, layer.swiftmoe)
+            sent["expert_param"] += shards.scatter_params(next_placement)
+            self._update_expert_bias(layer)
+            layer.step_popularity.zero_()
+        return stats
+
+    @staticmethod
+    def _update_expert_bias(layer: SwiftMoELayer) -> None:
+        # What Megatron-LM's finalize_model_grads does for aux-loss-free balancing.
+        router = layer.router
+        if getattr(router, "enable_expert_bias", False):
+            router.expert_bias.copy_(
+                get_updated_expert_bias(
+                    router.local_tokens_per_expert, router.expert_bias, layer.config.moe_router_bias_update_rate
+                )
+            )
+            router.local_tokens_per_expert.zero_()
