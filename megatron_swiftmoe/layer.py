@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state
-from megatron.core.transformer.moe.moe_layer import BaseMoELayer, MoELayer, MoESubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import MoECudaGraphTensorStore, get_default_pg_collection
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
@@ -102,9 +103,18 @@ class SwiftMoELayer(MoELayer):
         _check_supported(config, num_ranks, self.swiftmoe)
         pg_collection = pg_collection or get_default_pg_collection()
         submodules = submodules or MoESubmodules()
-        # MoELayer.__init__ would build the stock dispatcher and experts; set up the same
-        # attributes its methods read, with our dispatcher and slots instead.
-        BaseMoELayer.__init__(self, config=config, layer_number=layer_number, pg_collection=pg_collection)
+        # MoELayer.__init__ would build the stock dispatcher and experts over an expert-parallel
+        # group; set the attributes its methods read, with our dispatcher and slots instead.
+        MegatronModule.__init__(self, config)
+        self.config = config
+        self.layer_number = layer_number
+        self.ep_group = None  # experts are replicated over `group`, not partitioned
+        self.attn_tp_group = pg_collection.tp
+        self.num_local_experts = self.swiftmoe.slots_per_rank
+        self.local_expert_indices = []  # change every iteration: see `slot_experts`
+        self.use_shared_expert = config.moe_shared_expert_intermediate_size is not None
+        self.shared_expert_overlap = config.moe_shared_expert_overlap
+        self.shared_experts = None
         self.submodules = submodules
         self.moe_layer_recompute = (
             config.recompute_granularity == "selective"
