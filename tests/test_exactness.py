@@ -46,6 +46,16 @@ def _adamw_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _update_expert_bias_reference(model) -> None:
+    """Aux-loss-free balancing on the single-process reference (Megatron's rule, no collectives)."""
+    for layer in model.decoder.layers:
+        router = layer.mlp.router
+        if router.enable_expert_bias:
+            tokens = router.local_tokens_per_expert
+            router.expert_bias += torch.sign(tokens.mean() - tokens) * router.config.moe_router_bias_update_rate
+            tokens.zero_()
+
+
 def _train_reference(reference, world_size: int) -> list[float]:
     optimizer = torch.optim.AdamW(_adamw_groups(reference), lr=LR)
     micro_batches = world_size * MICRO_BATCHES
@@ -61,6 +71,7 @@ def _train_reference(reference, world_size: int) -> list[float]:
                 total += loss.item()
         torch.nn.utils.clip_grad_norm_(reference.parameters(), CLIP)
         optimizer.step()
+        _update_expert_bias_reference(reference)
         losses.append(total / micro_batches)
     return losses
 
@@ -73,11 +84,20 @@ def _gather_experts(shards) -> torch.Tensor:
 
 
 def exactness_worker(
-    rank: int, world_size: int, topk: int, slots: int, num_experts: int, placement: str, corrupt: bool = False
+    rank: int,
+    world_size: int,
+    topk: int,
+    slots: int,
+    num_experts: int,
+    placement: str,
+    router: str = "softmax_aux",
+    corrupt: bool = False,
 ):
     gm.setup()
     torch.set_default_dtype(torch.float64)
-    config = gm.tiny_config(num_experts=num_experts, topk=topk, params_dtype=torch.float64)
+    config = gm.tiny_config(
+        num_experts=num_experts, topk=topk, params_dtype=torch.float64, **ROUTERS[router]
+    )
     reference = gm.build_reference(config)
     gm.skew_router(reference)
     swift = gm.build_swiftmoe(config, SwiftMoEConfig(slots_per_rank=slots, placement=placement))
@@ -137,8 +157,19 @@ def exactness_worker(
     return result
 
 
+ROUTERS = {
+    "softmax_aux": {},  # softmax scores, aux loss + z-loss (tiny_config's defaults)
+    "sigmoid_bias": dict(  # DeepSeek-V3 style: sigmoid scores, aux-loss-free expert bias
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=1e-2,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+    ),
+}
+
 CASES = [
-    # world_size, topk, slots_per_rank, num_experts, placement
+    # world_size, topk, slots_per_rank, num_experts, placement, router
     (1, 1, 4, 4, "balanced"),
     (1, 2, 4, 3, "balanced"),
     (2, 1, 3, 4, "balanced"),
@@ -148,12 +179,16 @@ CASES = [
     (4, 1, 1, 4, "balanced"),
     (4, 2, 2, 4, "contiguous"),
 ]
+CASES = [case + ("softmax_aux",) for case in CASES] + [
+    (2, 2, 3, 4, "balanced", "sigmoid_bias"),
+    (3, 1, 2, 5, "balanced", "sigmoid_bias"),
+]
 
 
-@pytest.mark.parametrize("world_size,topk,slots,num_experts,placement", CASES)
-def test_matches_single_process_reference(world_size, topk, slots, num_experts, placement, tmp_path):
+@pytest.mark.parametrize("world_size,topk,slots,num_experts,placement,router", CASES)
+def test_matches_single_process_reference(world_size, topk, slots, num_experts, placement, router, tmp_path):
     r = run_distributed(
-        exactness_worker, world_size, topk, slots, num_experts, placement, tmp_path=tmp_path
+        exactness_worker, world_size, topk, slots, num_experts, placement, router, tmp_path=tmp_path
     )
     torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(r["ref_losses"]), atol=LOSS_ATOL, rtol=RTOL)
     for got, want in zip(r["experts"], r["ref_experts"]):
@@ -172,6 +207,6 @@ def test_matches_single_process_reference(world_size, topk, slots, num_experts, 
 
 
 def test_negative_control_double_counted_replica_fails(tmp_path):
-    r = run_distributed(exactness_worker, 2, 1, 3, 4, "balanced", True, tmp_path=tmp_path)
+    r = run_distributed(exactness_worker, 2, 1, 3, 4, "balanced", "softmax_aux", True, tmp_path=tmp_path)
     worst = max((got - want).abs().max().item() for got, want in zip(r["experts"], r["ref_experts"]))
     assert worst > 100 * ATOL, worst
