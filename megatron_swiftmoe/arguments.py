@@ -19,7 +19,9 @@ Public API:
 
 Attribute names are the flag names with ``-`` replaced by ``_`` (``--num-layers`` ->
 ``args.num_layers``), except ``--disable-bias-linear``/``--add-bias-linear`` (both set
-``args.add_bias_linear``) and the ``--no-`` forms of ``--swiftmoe``/``--bf16``/``--fp16``.
+``args.add_bias_linear``). Every on/off flag that Megatron-LM spells positively
+(``--swiftmoe``, ``--bf16``, ``--swiglu``, ``--mock-data``, ...) also has a ``--no-`` form, so
+that the command line can turn off what a ``--config`` file turns on.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ Defaults that differ from Megatron-LM:
   * --split defaults to 969,30,1 (Megatron-LM's legacy default, which it still applies when
     --data-path is given without --split).
   * --num-experts is required: this program trains MoE models only.
+  * on/off flags (--swiftmoe, --bf16, --swiglu, --mock-data, ...) also have a --no- form, to
+    turn off on the command line what a --config file turns on.
   * --moe-token-drop-policy has no default of its own: it is probs when
     --moe-expert-capacity-factor is set and an error without it.
 """
@@ -201,11 +205,29 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` that suggests the closest flag for an unknown one."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments:"):
+            known = [opt for action in self._actions for opt in action.option_strings]
+            hints = []
+            for word in message.split(":", 1)[1].split():
+                flag = word.split("=", 1)[0]
+                if flag.startswith("--"):
+                    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+                    if close:
+                        hints.append(f"{flag} -> {close[0]}")
+            if hints:
+                message += " (did you mean: " + ", ".join(hints) + "?)"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser with every flag of the program (no validation, no derived defaults)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_swiftmoe.pretrain_gpt",
-        usage="torchrun [...] -m megatron_swiftmoe.pretrain_gpt [--config FILE.yaml] [--FLAG VALUE ...]",
+    parser = _Parser(
+        prog="megatron_swiftmoe.pretrain_gpt",
+        usage="torchrun [...] -m %(prog)s [--config FILE.yaml] [--FLAG VALUE ...]",
         description="Pretrain a Megatron-Core GPT-MoE model with SwiftMoE per-iteration expert "
         "replication (--swiftmoe) or Megatron's static expert parallelism (the baseline). "
         "Flags follow Megatron-LM's names and meanings.",
@@ -244,9 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm",
         help="Which normalization to use.",
     )
-    g.add_argument("--swiglu", action="store_true", help="Use the gated SwiGLU activation (silu) instead of gelu.")
+    g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=False,
+                   help="Use the gated SwiGLU activation (silu) instead of gelu.")
     g.add_argument(
-        "--untie-embeddings-and-output-weights", action="store_true",
+        "--untie-embeddings-and-output-weights", action=argparse.BooleanOptionalAction, default=False,
         help="Untie the input embedding and the output layer weights.",
     )
     g.add_argument(
@@ -332,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--moe-router-score-function", choices=["softmax", "sigmoid"], default="softmax",
                    help="Score function of the top-k router.")
     g.add_argument(
-        "--moe-router-pre-softmax", action="store_true",
+        "--moe-router-pre-softmax", action=argparse.BooleanOptionalAction, default=False,
         help="Softmax before the top-k selection (default: after). Required with top-1 and softmax.",
     )
     g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0,
@@ -356,11 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
         "last ones in the batch (position). Needs --moe-expert-capacity-factor; default probs.",
     )
     g.add_argument(
-        "--moe-pad-expert-input-to-capacity", action="store_true",
+        "--moe-pad-expert-input-to-capacity", action=argparse.BooleanOptionalAction, default=False,
         help="Pad each expert's input to its capacity. Needs --moe-expert-capacity-factor.",
     )
     g.add_argument(
-        "--moe-router-enable-expert-bias", action="store_true",
+        "--moe-router-enable-expert-bias", action=argparse.BooleanOptionalAction, default=False,
         help="Aux-loss-free load balancing: a per-expert bias added to the routing scores, updated "
         "from each expert's token count (arXiv 2408.15664). Needs --moe-router-score-function sigmoid.",
     )
@@ -386,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Megatron indexed dataset prefix(es), optionally weighted: 'prefix' or "
         "'w1 prefix1 w2 prefix2 ...'. Default: the built-in text corpus.",
     )
-    g.add_argument("--mock-data", action="store_true",
+    g.add_argument("--mock-data", action=argparse.BooleanOptionalAction, default=False,
                    help="Train on synthetic token ids instead of real data (NullTokenizer).")
     g.add_argument("--split", default="969,30,1",
                    help="Train,validation,test proportions of the data, comma-separated.")
@@ -420,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-rng", action="store_true",
                    help="Do not load the RNG state when loading a checkpoint.")
     g.add_argument(
-        "--finetune", action="store_true",
+        "--finetune", action=argparse.BooleanOptionalAction, default=False,
         help="Load the model weights from --load only: no optimizer or RNG state, and the "
         "iteration count restarts at 0.",
     )
@@ -586,6 +609,8 @@ _EXCLUSIVE_PAIRS = [
 
 def _given_on_command_line(argv: list[str]) -> dict[str, Any]:
     """``{dest: value}`` of the flags present in ``argv``."""
+    if "-h" in argv or "--help" in argv:
+        return {}  # the real parser prints the help, with the file's values as defaults
     parser = build_parser()
     for action in parser._actions:
         action.default = argparse.SUPPRESS

@@ -2,6 +2,8 @@
 
 * Dense (non-expert) parameters: ZeRO-1 over the data-parallel group. Gradients are
   reduce-scattered, AdamW updates fp32 master shards, parameters are all-gathered.
+* Experts of Megatron's stock ``MoELayer`` under static expert parallelism (the baseline,
+  tagged ``allreduce=False`` by Megatron) live on one rank only and are updated there.
 * Expert parameters: for every layer and expert, the fp32 master weights and Adam moments
   are split into N equal shards and rank r owns shard r of every expert for the whole run.
   After backward, the gradients of all replicas of an expert reach the shard owners summed
@@ -114,6 +116,34 @@ class _DenseShard:
             param.copy_(full[offset : offset + param.numel()].view_as(param))
             offset += param.numel()
         return shard.numel() * shard.element_size()
+
+
+class _LocalParams(_DenseShard):
+    """Parameters only this rank holds (Megatron's static expert parallelism, ``allreduce=False``).
+
+    Their gradients already contain every rank's tokens (the all-to-all's backward brought
+    them), so nothing is reduced: the master copy is whole and updated locally.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.group = None
+        self.padded = self.shard_numel = sum(p.numel() for p in params)
+        self.dtype = master_dtype(params[0].dtype)
+        self.master = self._flatten([p.detach() for p in params], self.dtype).requires_grad_()
+
+    def reduce_scatter_grads(self, num_ranks: int) -> int:
+        grads = [_grad(p) if _grad(p) is not None else torch.zeros_like(p) for p in self.params]
+        self.master.grad = self._flatten(grads, self.dtype).div_(num_ranks)
+        return 0
+
+    @torch.no_grad()
+    def all_gather_params(self) -> int:
+        offset = 0
+        for param in self.params:
+            param.copy_(self.master[offset : offset + param.numel()].view_as(param))
+            offset += param.numel()
+        return 0
 
 
 class _ExpertShards:
@@ -240,7 +270,9 @@ class SwiftMoEOptimizer:
         self.layers = [m for module in modules for m in module.modules() if isinstance(m, SwiftMoELayer)]
         slot_params = {id(p) for layer in self.layers for p in layer.experts.parameters()}
 
-        decay, no_decay, seen = [], [], set()
+        # (weight decay?, replicated on all ranks?) -> params; Megatron's no-decay rule.
+        buckets: dict[tuple[bool, bool], list] = {}
+        seen = set()
         for module in modules:
             for name, param in module.named_parameters():
                 if not param.requires_grad or id(param) in seen:
@@ -250,16 +282,19 @@ class SwiftMoEOptimizer:
                     _attach_main_grad(param)
                 if id(param) in slot_params:
                     continue
-                (no_decay if param.ndim == 1 or name.endswith(".bias") else decay).append(param)
-        self.dense = [_DenseShard(params, self.group) for params in (decay, no_decay) if params]
+                decays = not (param.ndim == 1 or name.endswith(".bias"))
+                buckets.setdefault((decays, getattr(param, "allreduce", True)), []).append(param)
+        self.dense = [
+            _DenseShard(params, self.group) if replicated else _LocalParams(params)
+            for (_, replicated), params in sorted(buckets.items(), reverse=True)
+        ]
         self.expert_shards = [_ExpertShards(layer) for layer in self.layers]
         self._params = [p for module in modules for p in module.parameters() if p.requires_grad]
 
-        groups = []
-        if decay:
-            groups.append({"params": [self.dense[0].master], "weight_decay": weight_decay})
-        if no_decay:
-            groups.append({"params": [self.dense[-1].master], "weight_decay": 0.0})
+        groups = [
+            {"params": [shard.master], "weight_decay": weight_decay if decays else 0.0}
+            for (decays, _), shard in zip(sorted(buckets, reverse=True), self.dense)
+        ]
         if self.expert_shards:
             groups.append({"params": [s.master for s in self.expert_shards], "weight_decay": weight_decay})
         self.adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)

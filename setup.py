@@ -1,0 +1,39 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_swiftmoe",
+    version="0.1.0",
+    description=(
+        "SwiftMoE for Megatron-Core: per-iteration expert replication with a statically "
+        "sharded optimizer (arXiv 2504.19925)"
+    ),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_swiftmoe", "megatron_swiftmoe.*"]),
+    install_requires=[
+        # A range the CPU build on disk (2.13.0) satisfies, so pip never pulls a CUDA build over it.
+        "torch>=2.6",
+        # 0.17+ needs Python >= 3.12; 0.16.1 is the newest that installs on Python 3.11.
+        "megatron-core==0.16.1",
+        "numpy",
+        "sentencepiece>=0.2",
+        "PyYAML>=6",
+    ],
+    extras_require={
+        "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
+        "test": ["pytest>=8", "hypothesis>=6"],
+        # GPU clusters only (need CUDA to build/run); apex is built from source, see README.
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "pretrain_gpt=megatron_swiftmoe.pretrain_gpt:main",
+            "swiftmoe-preprocess-data=megatron_swiftmoe.preprocess_data:main",
+        ]
+    },
+)
