@@ -7,6 +7,8 @@ megatron-core assumes a GPU in a few places that the MoE GPT path touches:
 * the model-parallel RNG tracker saves and restores the *CUDA* generator around dropout;
   on CPU the tracker below swaps the CPU generator instead.
 * the default causal attention mask is built with ``device="cuda"``; it is rebuilt on CPU.
+* the pipeline schedules count tokens in ``torch.zeros(..., device="cuda")``; the schedules
+  module sees a ``torch`` whose ``zeros`` maps that device to the CPU.
 * router gating calls ``te_general_gemm`` when Transformer Engine is absent, a name 0.16.1
   never defines without TE (NameError); it is defined as ``None`` so the torch path is used.
 
@@ -43,11 +45,13 @@ def apply() -> None:
     if _applied or torch.cuda.is_available():
         return
     from megatron.core.fusions import fused_softmax
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import moe_utils
 
     torch.cuda.current_device = lambda: "cpu"
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    schedules.torch = _TorchOnCpu()
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 
@@ -76,6 +80,17 @@ def apply() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _applied = True
+
+
+class _TorchOnCpu:
+    """``torch`` for a module that hard-codes ``device="cuda"`` in ``torch.zeros``."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs) -> torch.Tensor:
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
 
 
 @functools.lru_cache(maxsize=8)

@@ -66,7 +66,7 @@ UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 # 4 special pieces + 256 byte-fallback pieces are in every vocabulary trained here.
 _RESERVED_PIECES = 4 + 256
 # Lines the tokenizer trainer samples: enough for a good 8k BPE vocabulary, small enough to train
-# in seconds on 2 cores (the default corpus has ~900k non-empty lines).
+# in seconds on 2 cores (the default corpus has ~730k non-empty lines).
 TRAIN_SENTENCES = 300_000
 # Bump when anything that shapes the default data changes, so old caches are not reused.
 _DEFAULT_DATA_VERSION = 1
@@ -182,7 +182,9 @@ def iter_documents(path: Path | str, json_keys: Sequence[str] = ("text",)) -> It
                 yield record[key]
 
 
-def _documents(inputs: Sequence[Path | str] | Iterable[str], json_keys: Sequence[str]) -> Iterator[str]:
+def _documents(
+    inputs: Sequence[Path | str] | Iterable[str], json_keys: Sequence[str]
+) -> Iterator[str]:
     """Documents of ``inputs``: a list/tuple names files, any other iterable yields texts."""
     if isinstance(inputs, (list, tuple)):
         for path in inputs:
@@ -281,7 +283,9 @@ class SentencePieceTokenizer(MegatronTokenizerText):
         return self.processor.encode(list(texts), num_threads=num_threads)
 
 
-def load_tokenizer(model_path: Path | str, vocab_size: int | None = None) -> SentencePieceTokenizer:
+def load_tokenizer(
+    model_path: Path | str, vocab_size: int | None = None
+) -> SentencePieceTokenizer:
     """Load a tokenizer model; if ``vocab_size`` is given, require the model to have exactly it."""
     tokenizer = SentencePieceTokenizer(model_path)
     if vocab_size is not None and tokenizer.vocab_size != vocab_size:
@@ -379,9 +383,17 @@ class PreprocessStats:
     documents: int
     tokens: int
     skipped_empty: int
-    text_mb: float
+    text_chars: int
     bin_mb: float
     seconds: float
+
+    def summary(self) -> str:
+        rate = self.text_chars / 1e6 / max(self.seconds, 1e-9)
+        return (
+            f"{self.documents} documents ({self.skipped_empty} empty skipped), "
+            f"{self.tokens:,} tokens, {self.text_chars / 1e6:.1f} M chars in "
+            f"{self.seconds:.1f} s ({rate:.1f} M chars/s), {self.bin_mb:.1f} MB .bin"
+        )
 
 
 def _batches(texts: Iterable[str], max_chars: int) -> Iterator[list[str]]:
@@ -415,45 +427,39 @@ def tokenize_to_indexed_dataset(
     """
     output_prefix = Path(output_prefix)
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    documents = tokens = skipped = text_chars = 0
+    stats = PreprocessStats(0, 0, 0, 0, 0.0, 0.0)
     start = last_log = time.perf_counter()
 
     with _atomic_outputs(output_prefix, [".bin", ".idx"]) as tmp:
-        builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
+        builder = IndexedDatasetBuilder(
+            f"{tmp}.bin", dtype=DType.optimal_dtype(tokenizer.vocab_size)
+        )
         try:
             for batch in _batches(_documents(list(inputs), json_keys), _BATCH_CHARS):
                 for text, ids in zip(batch, tokenizer.tokenize_batch(batch, workers)):
                     if not text:
-                        skipped += 1
+                        stats.skipped_empty += 1
                         continue
                     if append_eod:
                         ids.append(tokenizer.eod)
                     builder.add_document(ids, [len(ids)])
-                    documents += 1
-                    tokens += len(ids)
-                    text_chars += len(text)
+                    stats.documents += 1
+                    stats.tokens += len(ids)
+                    stats.text_chars += len(text)
                 now = time.perf_counter()
                 if now - last_log >= log_every_s:
                     last_log = now
-                    _log(
-                        f"  {documents} documents, {tokens:,} tokens, "
-                        f"{text_chars / 1e6:.1f} M chars ({text_chars / 1e6 / (now - start):.1f}"
-                        " M chars/s)"
-                    )
+                    stats.seconds = now - start
+                    stats.bin_mb = builder.data_file.tell() / 1e6
+                    _log(f"  {stats.summary()}")
         finally:
             builder.data_file.close()
-        if documents == 0:
+        if stats.documents == 0:
             raise ValueError(f"no non-empty documents in {[str(p) for p in inputs]}")
         builder.finalize(f"{tmp}.idx")
-    return PreprocessStats(
-        documents=documents,
-        tokens=tokens,
-        skipped_empty=skipped,
-        text_mb=text_chars / 1e6,
-        bin_mb=_file_mb(Path(f"{output_prefix}.bin")),
-        seconds=time.perf_counter() - start,
-    )
+    stats.seconds = time.perf_counter() - start
+    stats.bin_mb = _file_mb(Path(f"{output_prefix}.bin"))
+    return stats
 
 
 def _require_indexed_dataset(data_prefix: Path | str) -> str:
@@ -519,7 +525,8 @@ def _build_corpus(corpus: Path, corpus_files: Sequence[Path] | None) -> None:
     files = stdlib_source_files() if corpus_files is None else [Path(p) for p in corpus_files]
     _log(f"building corpus {corpus} from {len(files)} files ...")
     count, size = write_corpus_jsonl(files, corpus)
-    _log(f"  corpus: {count} documents, {size / 1e6:.1f} MB in {time.perf_counter() - start:.1f} s")
+    seconds = time.perf_counter() - start
+    _log(f"  corpus: {count} documents, {size / 1e6:.1f} MB in {seconds:.1f} s")
 
 
 def prepare_default_data(
@@ -584,11 +591,7 @@ def _build_default_data(directory: Path, corpus: Path, vocab_size: int, workers:
     if not IndexedDataset.exists(str(data_prefix)):
         _log(f"tokenizing {corpus.name} with {workers} threads ...")
         stats = tokenize_to_indexed_dataset([corpus], data_prefix, tokenizer, workers=workers)
-        _log(
-            f"  dataset: {stats.documents} documents, {stats.tokens:,} tokens, "
-            f"{stats.bin_mb:.1f} MB .bin in {stats.seconds:.1f} s "
-            f"({stats.text_mb / stats.seconds:.1f} M chars/s)"
-        )
+        _log(f"  dataset: {stats.summary()}")
     summary = {
         "corpus": str(corpus),
         "corpus_mb": _file_mb(corpus),

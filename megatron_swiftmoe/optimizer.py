@@ -61,6 +61,12 @@ class DynamicLossScaler:
         self.min_scale = min_scale
         self._clean_steps = 0
 
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean_steps": self._clean_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self._clean_steps = float(state["scale"]), int(state["clean_steps"])
+
     def update(self, found_inf: bool) -> None:
         if found_inf:
             self.scale = max(self.scale / 2.0, self.min_scale)
@@ -291,12 +297,15 @@ class SwiftMoEOptimizer:
         self.expert_shards = [_ExpertShards(layer) for layer in self.layers]
         self._params = [p for module in modules for p in module.parameters() if p.requires_grad]
 
+        # wd_mult: Megatron's OptimizerParamScheduler sets weight_decay = wd * wd_mult per group.
         groups = [
-            {"params": [shard.master], "weight_decay": weight_decay if decays else 0.0}
+            {"params": [shard.master], "weight_decay": weight_decay * decays, "wd_mult": float(decays)}
             for (decays, _), shard in zip(sorted(buckets, reverse=True), self.dense)
         ]
         if self.expert_shards:
-            groups.append({"params": [s.master for s in self.expert_shards], "weight_decay": weight_decay})
+            groups.append(
+                {"params": [s.master for s in self.expert_shards], "weight_decay": weight_decay, "wd_mult": 1.0}
+            )
         self.adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     @property
@@ -366,3 +375,28 @@ class SwiftMoEOptimizer:
                 )
             )
             router.local_tokens_per_expert.zero_()
+
+    def state_dict(self) -> dict:
+        """This rank's optimizer state: its master shards, AdamW moments, loss scale."""
+        return {
+            "masters": [m.detach().clone() for m in self._masters()],
+            "adamw": self.adamw.state_dict(),
+            "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict` output saved by the same rank of an identical setup."""
+        masters = self._masters()
+        saved = state["masters"]
+        if [tuple(m.shape) for m in masters] != [tuple(m.shape) for m in saved]:
+            raise ValueError(
+                "optimizer state does not match this model: master shard shapes "
+                f"{[tuple(m.shape) for m in saved]} in the checkpoint vs {[tuple(m.shape) for m in masters]} "
+                "here (different model size, world size or --swiftmoe setting)"
+            )
+        for master, value in zip(masters, saved):
+            master.copy_(value)  # in place: the master tensors stay the same objects
+        self.adamw.load_state_dict(state["adamw"])
+        if self.loss_scaler and state.get("loss_scaler"):
+            self.loss_scaler.load_state_dict(state["loss_scaler"])

@@ -36,21 +36,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--input", nargs="+", required=True, type=Path, metavar="FILE",
-                        help=".jsonl (one JSON object per line) or text files")
-    parser.add_argument("--output-prefix", required=True, type=Path, metavar="PREFIX",
-                        help="writes PREFIX.bin and PREFIX.idx")
+    parser.add_argument(
+        "--input", nargs="+", required=True, type=Path, metavar="FILE",
+        help=".jsonl (one JSON object per line) or text files",
+    )
+    parser.add_argument(
+        "--output-prefix", required=True, type=Path, metavar="PREFIX",
+        help="writes PREFIX.bin and PREFIX.idx",
+    )
     tokenizer = parser.add_mutually_exclusive_group(required=True)
-    tokenizer.add_argument("--tokenizer-model", type=Path, metavar="M.model",
-                           help="an existing SentencePiece model")
-    tokenizer.add_argument("--vocab-size", type=int, metavar="V",
-                           help="train a V-token BPE tokenizer on the input, saved as PREFIX.model")
-    parser.add_argument("--json-keys", nargs="+", default=["text"], metavar="KEY",
-                        help="fields of each JSON line to tokenize, each one a document "
-                        "(default: text)")
+    tokenizer.add_argument(
+        "--tokenizer-model", type=Path, metavar="M.model", help="an existing SentencePiece model"
+    )
+    tokenizer.add_argument(
+        "--vocab-size", type=int, metavar="V",
+        help="train a V-token BPE tokenizer on the input (saved as PREFIX.model)",
+    )
+    parser.add_argument(
+        "--json-keys", nargs="+", default=["text"], metavar="KEY",
+        help="fields of each JSON line to tokenize, each one a document (default: text)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="tokenizer threads (default: 2)")
-    parser.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
-                        help="append the end-of-document id to every document (default: yes)")
+    parser.add_argument(
+        "--append-eod", action=argparse.BooleanOptionalAction, default=True,
+        help="append the end-of-document id to every document (default: yes)",
+    )
     return parser.parse_args(argv)
 
 
@@ -61,14 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.vocab_size is not None:
             start = time.perf_counter()
             print(f"training a {args.vocab_size}-token tokenizer on {len(args.input)} file(s) ...")
-            model = train_tokenizer(list(args.input), args.output_prefix, args.vocab_size,
-                                    json_keys=args.json_keys, num_threads=args.workers)
+            model = train_tokenizer(
+                list(args.input), args.output_prefix, args.vocab_size,
+                json_keys=args.json_keys, num_threads=args.workers,
+            )
             print(f"tokenizer: {model} ({time.perf_counter() - start:.1f} s)")
         else:
             model = args.tokenizer_model
         tokenizer = load_tokenizer(model)
-        print(f"tokenizing {len(args.input)} file(s) into {args.output_prefix}.bin/.idx "
-              f"with {args.workers} threads ...")
+        print(
+            f"tokenizing {len(args.input)} file(s) into {args.output_prefix}.bin/.idx "
+            f"with {args.workers} threads ..."
+        )
         stats = tokenize_to_indexed_dataset(
             args.input,
             args.output_prefix,
@@ -80,12 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(
-        f"done: {stats.documents} documents ({stats.skipped_empty} empty skipped), "
-        f"{stats.tokens:,} tokens, {stats.text_mb:.2f} M chars in {stats.seconds:.1f} s "
-        f"({stats.text_mb / max(stats.seconds, 1e-9):.1f} M chars/s); "
-        f"{args.output_prefix}.bin is {stats.bin_mb:.2f} MB"
-    )
+    print(f"done: {stats.summary()}")
     return 0
 
 

@@ -13,8 +13,12 @@ What is measured
     crafted so that routing is exactly what the scenario asks for:
 
     * balanced: every expert receives T*k/E (token, expert) pairs;
-    * skewed:   expert 0 receives a fraction --hot-fraction (default 1/2) of all tokens,
-                the others share the rest evenly.
+    * skewed:   expert 0 is chosen by a fraction --hot-fraction (default 1/2) of all tokens,
+                the other experts share the remaining choices evenly (with top-k, expert 0
+                then gets hot_fraction / k of the pairs).
+
+    The measured tokens per expert (from the router's routing_map) are printed, and the run
+    stops with an error if the two layers' routers did not route identically.
 
     SwiftMoE plans its placement from the popularity of the previous step (normally in
     ``SwiftMoEOptimizer.step``). Here one warm-up forward + backward measures the popularity and
@@ -22,10 +26,13 @@ What is measured
     do not affect timing). Then both layers run R timed forward + backward passes, interleaved
     (stock, swift, stock, swift, ...) so that machine noise hits both. A pass is timed on every
     rank between barriers; the slowest rank defines the step, and the reported time is the
-    median over repetitions of that per-repetition maximum.
+    median over repetitions of that per-repetition maximum. On CPU the process CPU time of
+    each pass is reported too (same statistics): on a shared machine wall time also counts the
+    time other processes took from a rank, CPU time does not, so when the two disagree,
+    check the load average printed at the start and the end.
 
 How to read it
-    "rank load" is the number of (token, expert) pairs each rank's experts compute; max/mean
+    "rank load" is the number of (token, expert) pairs each rank's experts computed; max/mean
     is the imbalance (1.0 = perfect). ``ratio = stock_ms / swiftmoe_ms``: above 1 SwiftMoE is
     faster. Targets (from the issue): ratio >= 0.95 when balanced (SwiftMoE within 5% of
     stock) and ratio >= 1.3 when skewed. They are reported as met or missed; they never change
@@ -49,7 +56,6 @@ import socket
 import statistics
 import sys
 import time
-import traceback
 import warnings
 from pathlib import Path
 
@@ -202,7 +208,7 @@ class Recorder:
         self.routing_map = output[1].detach()
 
     def _experts(self, module, inputs):
-        self.expert_tokens = int(inputs[1].sum())
+        self.expert_tokens = inputs[1]  # tokens per local expert / slot; summed after timing
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,7 +276,7 @@ def run_scenario(args, scenario: str, stock, swift, rec_stock, rec_swift, direct
             "swift_ms": [wall for wall, _ in times["swift"]],
             "stock_cpu_ms": [cpu for _, cpu in times["stock"]],
             "swift_cpu_ms": [cpu for _, cpu in times["swift"]],
-            "stock_tokens": rec_stock.expert_tokens,
+            "stock_tokens": int(rec_stock.expert_tokens.sum()),
             "swift_tokens": int(swift.token_dispatcher.last_tokens_per_slot.sum()),
         }
     )
@@ -321,13 +327,13 @@ def print_environment(args, device, backend) -> None:
           f"placement '{args.placement}', replicated over the {n} data-parallel ranks")
     if n * s == e:
         print("  note: N*S == E, one slot per expert: SwiftMoE can re-place but not replicate experts")
+    print("  placement planned from a warm-up pass; slot weights are not rewritten (values do not affect timing)")
     print(f"timing: {args.warmup} warm-up + {args.reps} timed fwd+bwd per layer, interleaved; "
           "per repetition the slowest rank, median over repetitions")
     if device.type == "cpu":
         print("  cpu ms = process CPU time of the pass (same statistics): unlike wall time it leaves out "
               "time other processes took from this rank")
         print(f"  system load average at start: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
-    print("  slot weights keep their initial values after re-placement (values do not affect timing)")
 
 
 def print_scenario(r: dict, show_cpu: bool) -> None:
@@ -416,9 +422,6 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
             print_summary(results, device.type == "cpu")
             if device.type == "cpu":
                 print(f"system load average at end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
-    except BaseException:
-        traceback.print_exc()
-        raise
     finally:
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()

@@ -1,0 +1,203 @@
+"""What a training run reports: per-layer expert load, Megatron-style log lines, metrics files.
+
+:class:`MoELoadMonitor` hooks every MoE layer (SwiftMoE or stock) and counts, per iteration,
+the routed pairs per expert, the pairs each rank computed, the pairs the router dropped
+(capacity factor) and the token pairs sent to other ranks. :class:`MetricsWriter` writes one
+JSON object per iteration (rank 0) and mirrors scalars to TensorBoard / W&B when asked.
+
+JSONL keys (per iteration): ``iteration``, ``lm_loss``, ``aux_loss`` (load-balancing loss,
+mean over MoE layers), ``z_loss``, ``lr``, ``grad_norm``, ``skipped``, ``loss_scale``,
+``tokens_per_s``, ``iter_time_s``, ``time_forward_backward_s``, ``time_optimizer_s``,
+``consumed_samples``, ``bytes_sent`` (this iteration, summed over ranks: ``dense_grad``,
+``dense_param``, ``expert_grad``, ``expert_param``, ``tokens``), and ``layers``: one entry
+per MoE layer with ``tokens_per_expert`` [E] (global routed pairs), ``replicas_per_expert``
+[E], ``tokens_per_rank`` [N] (pairs each rank's experts computed), ``static_tokens_per_rank``
+[N] (what static expert parallelism, E/N consecutive experts per rank, would have computed
+for the same routing), ``dropped_tokens`` (pairs the router dropped). Evaluation iterations
+add ``valid_lm_loss``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_swiftmoe.layer import SwiftMoELayer
+
+
+class MoELoadMonitor:
+    """Counts expert load per MoE layer over the micro-batches of one iteration (training only)."""
+
+    def __init__(self, layers: list, group: Optional[dist.ProcessGroup] = None):
+        self.layers = layers
+        self.group = group
+        self.num_ranks = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.reset()
+        for index, layer in enumerate(layers):
+            layer.router.register_forward_hook(self._router_hook(index))
+            layer.register_forward_hook(self._layer_hook(index))
+
+    def reset(self) -> None:
+        num_experts = [layer.config.num_moe_experts for layer in self.layers]
+        # Per layer: [E] routed pairs, computed pairs, dropped pairs, pairs sent off-rank (local).
+        self.routed = [torch.zeros(e, dtype=torch.int64) for e in num_experts]
+        self.computed = torch.zeros(len(self.layers), dtype=torch.int64)
+        self.dropped = torch.zeros(len(self.layers), dtype=torch.int64)
+        self.sent = torch.zeros(len(self.layers), dtype=torch.int64)
+
+    def _router_hook(self, index: int):
+        def hook(router, inputs, outputs) -> None:
+            if not router.training:
+                return
+            routing_map = outputs[1]
+            self.routed[index] += routing_map.sum(0).cpu()
+            # Every token picks top-k experts; the router's capacity drop removes some.
+            self.dropped[index] += routing_map.shape[0] * router.topk - int(routing_map.sum())
+
+        return hook
+
+    def _layer_hook(self, index: int):
+        def hook(layer, inputs, outputs) -> None:
+            if not layer.training or not isinstance(layer, SwiftMoELayer):
+                return
+            dispatcher = layer.token_dispatcher
+            self.computed[index] += int(dispatcher.last_tokens_per_slot.sum())
+            self.sent[index] += sum(dispatcher.send_splits) - dispatcher.send_splits[self.rank]
+
+        return hook
+
+    def collect(self) -> list[dict[str, Any]]:
+        """Global per-layer figures for the iteration just trained (collective); then reset."""
+        device = next(self.layers[0].parameters()).device
+        routed = torch.stack(self.routed).to(device)
+        dist.all_reduce(routed, group=self.group)
+        local = torch.stack([self.computed, self.dropped, self.sent], dim=1).to(device)
+        gathered = local.new_empty(self.num_ranks * local.shape[0], local.shape[1])
+        dist.all_gather_into_tensor(gathered, local, group=self.group)
+        gathered = gathered.view(self.num_ranks, *local.shape).cpu()
+        figures = []
+        for index, layer in enumerate(self.layers):
+            tokens = routed[index].cpu()
+            experts_per_rank = -(-tokens.numel() // self.num_ranks)
+            static = torch.zeros(self.num_ranks, dtype=torch.int64)
+            static.index_add_(0, torch.arange(tokens.numel()) // experts_per_rank, tokens)
+            if isinstance(layer, SwiftMoELayer):
+                replicas = torch.bincount(layer.placement.flatten().cpu(), minlength=tokens.numel())
+                per_rank = gathered[:, index, 0]
+            else:
+                replicas = torch.ones_like(tokens)
+                per_rank = static
+            figures.append(
+                dict(
+                    tokens_per_expert=tokens.tolist(),
+                    replicas_per_expert=replicas.tolist(),
+                    tokens_per_rank=per_rank.tolist(),
+                    static_tokens_per_rank=static.tolist(),
+                    dropped_tokens=int(gathered[:, index, 1].sum()),
+                    tokens_sent=int(gathered[:, index, 2].sum()),
+                )
+            )
+        self.reset()
+        return figures
+
+
+def load_line(index: int, figures: dict[str, Any], hottest: int = 3) -> str:
+    """One line per layer: rank load imbalance (vs. static), hottest experts and their replicas."""
+
+    def imbalance(values: list[int]) -> float:
+        mean = sum(values) / len(values)
+        return max(values) / mean if mean else 1.0
+
+    tokens, replicas = figures["tokens_per_expert"], figures["replicas_per_expert"]
+    top = sorted(range(len(tokens)), key=lambda e: -tokens[e])[:hottest]
+    hot = ", ".join(f"e{e} {tokens[e]}->{replicas[e]}x" for e in top)
+    return (
+        f" moe layer {index:2d} | max/mean rank load: {imbalance(figures['tokens_per_rank']):.2f}"
+        f" (static EP: {imbalance(figures['static_tokens_per_rank']):.2f})"
+        f" | hottest experts (pairs->replicas): {hot} | dropped: {figures['dropped_tokens']}"
+    )
+
+
+class MetricsWriter:
+    """JSONL metrics (rank 0), plus TensorBoard and W&B scalars when configured."""
+
+    def __init__(self, args, enabled: bool):
+        self.enabled = enabled
+        self.file = None
+        self.tensorboard = None
+        self.wandb = None
+        if not enabled:
+            return
+        path = Path(args.metrics_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8")
+        if args.tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise SystemExit("--tensorboard-dir needs the tensorboard package: pip install tensorboard") from error
+            self.tensorboard = SummaryWriter(log_dir=args.tensorboard_dir)
+        if args.wandb_project:
+            try:
+                import wandb
+            except ImportError as error:
+                raise SystemExit("--wandb-project needs the wandb package: pip install wandb") from error
+            self.wandb = wandb.init(
+                project=args.wandb_project,
+                name=args.wandb_exp_name,
+                dir=args.wandb_save_dir,
+                mode=os.environ.get("WANDB_MODE", "offline"),
+                config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))},
+            )
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "iteration"}
+        if self.tensorboard:
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, record["iteration"])
+        if self.wandb:
+            self.wandb.log(scalars, step=record["iteration"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+class Progress:
+    """A one-line progress bar with ETA on terminals; silent otherwise (log lines suffice)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.total, self.start = total, start
+        self.enabled = enabled and sys.stderr.isatty()
+        self.t0 = time.time()
+
+    def update(self, iteration: int, loss: float) -> None:
+        if not self.enabled:
+            return
+        done = iteration - self.start
+        eta = (time.time() - self.t0) / max(done, 1) * (self.total - iteration)
+        filled = int(30 * iteration / self.total)
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (30 - filled)}] {iteration}/{self.total} loss {loss:.3f} ETA {eta:5.0f}s"
+        )
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 80 + "\r")
