@@ -46,6 +46,7 @@ __all__ = [
     "SentencePieceTokenizer",
     "build_gpt_datasets",
     "default_cache_dir",
+    "default_data_dir",
     "default_corpus",
     "iter_documents",
     "load_tokenizer",
@@ -529,6 +530,15 @@ def _build_corpus(corpus: Path, corpus_files: Sequence[Path] | None) -> None:
     _log(f"  corpus: {count} documents, {size / 1e6:.1f} MB in {seconds:.1f} s")
 
 
+def default_data_dir(
+    cache_dir: Path | str | None = None,
+    vocab_size: int = 8192,
+    corpus_files: Sequence[Path] | None = None,
+) -> Path:
+    """The folder :func:`prepare_default_data` builds in (and locks) for these settings."""
+    return _corpus_dir(cache_dir, corpus_files) / f"vocab{vocab_size}"
+
+
 def prepare_default_data(
     cache_dir: Path | str | None = None,
     vocab_size: int = 8192,
@@ -554,21 +564,25 @@ def prepare_default_data(
     Returns:
         (data prefix for :func:`build_gpt_datasets`, tokenizer ``.model`` path).
     """
-    directory = _corpus_dir(cache_dir, corpus_files) / f"vocab{vocab_size}"
+    directory = default_data_dir(cache_dir, vocab_size, corpus_files)
     data_prefix = directory / "text_document"
     tokenizer_model = directory / "tokenizer.model"
     done = directory / "DONE"
     if not done.is_file():
         with _exclusive_lock(directory / ".lock", str(directory)):
             if not done.is_file():
-                _remove_temporaries(directory)
-                corpus = default_corpus(cache_dir, corpus_files)
-                _build_default_data(directory, corpus, vocab_size, workers)
+                _build_default_data(directory, cache_dir, corpus_files, vocab_size, workers)
     return data_prefix, tokenizer_model
 
 
-def _build_default_data(directory: Path, corpus: Path, vocab_size: int, workers: int) -> None:
-    """The steps of :func:`prepare_default_data` after the corpus; the caller holds the lock.
+def _build_default_data(
+    directory: Path,
+    cache_dir: Path | str | None,
+    corpus_files: Sequence[Path] | None,
+    vocab_size: int,
+    workers: int,
+) -> None:
+    """The steps of :func:`prepare_default_data`; the caller holds the lock of ``directory``.
 
     Each step is skipped if its output exists: outputs appear atomically, so they are complete.
     """
@@ -576,6 +590,8 @@ def _build_default_data(directory: Path, corpus: Path, vocab_size: int, workers:
     tokenizer_prefix = directory / "tokenizer"
     start = time.perf_counter()
     _log(f"preparing default data in {directory}")
+    _remove_temporaries(directory)
+    corpus = default_corpus(cache_dir, corpus_files)
 
     model = Path(f"{tokenizer_prefix}.model")
     train_s = 0.0

@@ -6,7 +6,7 @@ it unchanged. Per forward pass it
 1. all-gathers the ``[E]`` routed-pair counts of every rank (``[N, E]``, a few hundred bytes):
    their column sums are the expert popularity the next placement is planned from, and the
    matrix is the input of the split plan;
-2. computes the deterministic split plan (``placement.send_counts`` / ``recv_counts``) that
+2. computes the deterministic split plan (``placement.rank_plan``) that
    gives each replica of an expert the same number of pairs, preferring local replicas;
 3. sends pairs to slots with one variable-size all-to-all, and results back with another.
 
@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import all_to_all
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_swiftmoe.placement import recv_counts, send_counts
+from megatron_swiftmoe.placement import rank_plan
 
 
 def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -65,8 +65,7 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
             self.layer.step_popularity += counts.sum(0)
 
         placement = self.layer.placement
-        send = send_counts(counts, placement, self.rank)  # [N*S]
-        recv = recv_counts(counts, placement, self.rank)  # [S, N]
+        send, recv = rank_plan(counts, placement, self.rank)  # [N*S], [S, N]
 
         # Pairs sorted by expert; each expert's pairs fill its slots in flat slot order.
         pair_expert, pair_token = routing_map.T.nonzero(as_tuple=True)

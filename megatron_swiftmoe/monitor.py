@@ -129,7 +129,7 @@ def load_line(index: int, figures: dict[str, Any], hottest: int = 3) -> str:
 class MetricsWriter:
     """JSONL metrics (rank 0), plus TensorBoard and W&B scalars when configured."""
 
-    def __init__(self, args, enabled: bool):
+    def __init__(self, args, enabled: bool, resume: bool = False):
         self.enabled = enabled
         self.file = None
         self.tensorboard = None
@@ -138,7 +138,8 @@ class MetricsWriter:
             return
         path = Path(args.metrics_path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8")
+        # A resumed run continues its file; a new run starts a new one.
+        self.file = open(path, "a" if resume else "w", encoding="utf-8")
         if args.tensorboard_dir:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -25,6 +25,7 @@ __all__ = [
     "place_contiguous",
     "rank_loads",
     "split_plan",
+    "rank_plan",
     "send_counts",
     "recv_counts",
 ]
@@ -304,33 +305,33 @@ def split_plan(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
     return plan
 
 
-def send_counts(tokens: torch.Tensor, placement: torch.Tensor, rank: int) -> torch.Tensor:
-    """Row ``rank`` of split_plan without building it. tokens: [N, E]; returns int64 [N*S]."""
-    n, s = placement.shape
-    if not 0 <= rank < n:
-        raise ValueError(f"rank must be in [0, {n}), got {rank}")
-    st = _split_state(tokens, placement)
-    hi = st.supply[: rank + 1].sum(0)
-    lo = hi - st.supply[rank]
-    se = st.slot_expert
-    row = _overlap(lo[se], hi[se], st.demand_lo, st.demand_hi)
-    row[rank * s : (rank + 1) * s] += st.local[rank * s : (rank + 1) * s]
-    return row
+def rank_plan(tokens: torch.Tensor, placement: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``rank`` sends and receives under split_plan, without building it.
 
-
-def recv_counts(tokens: torch.Tensor, placement: torch.Tensor, rank: int) -> torch.Tensor:
-    """Tokens ``rank``'s local slots receive from each source rank, without building split_plan.
-
-    tokens: [N, E]; placement: [N, S]. Returns int64 [S, N] with
-    out[s, i] == split_plan(tokens, placement)[i, rank * S + s].
+    tokens: [N, E]; placement: [N, S]. Returns ``(send [N*S], recv [S, N])``, int64:
+    ``send == split_plan(...)[rank]`` and ``recv[s, i] == split_plan(...)[i, rank * S + s]``.
     """
     n, s = placement.shape
     if not 0 <= rank < n:
         raise ValueError(f"rank must be in [0, {n}), got {rank}")
     st = _split_state(tokens, placement)
-    js = torch.arange(rank * s, (rank + 1) * s, device=placement.device)
-    sup = st.supply[:, st.slot_expert[js]].T  # [S, N]
-    hi = sup.cumsum(1)
-    out = _overlap(hi - sup, hi, st.demand_lo[js, None], st.demand_hi[js, None])
-    out[:, rank] += st.local[js]
-    return out
+    se = st.slot_expert
+    hi = st.supply[: rank + 1].sum(0)
+    send = _overlap((hi - st.supply[rank])[se], hi[se], st.demand_lo, st.demand_hi)
+    mine = slice(rank * s, (rank + 1) * s)
+    send[mine] += st.local[mine]
+    supply = st.supply[:, se[mine]].T  # [S, N]
+    hi = supply.cumsum(1)
+    recv = _overlap(hi - supply, hi, st.demand_lo[mine, None], st.demand_hi[mine, None])
+    recv[:, rank] += st.local[mine]
+    return send, recv
+
+
+def send_counts(tokens: torch.Tensor, placement: torch.Tensor, rank: int) -> torch.Tensor:
+    """Row ``rank`` of split_plan without building it. tokens: [N, E]; returns int64 [N*S]."""
+    return rank_plan(tokens, placement, rank)[0]
+
+
+def recv_counts(tokens: torch.Tensor, placement: torch.Tensor, rank: int) -> torch.Tensor:
+    """Tokens ``rank``'s local slots receive from each source rank: int64 [S, N] (see rank_plan)."""
+    return rank_plan(tokens, placement, rank)[1]

@@ -175,10 +175,10 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
         self.moe_layers = moe_layers(self.model)
         self.monitor = MoELoadMonitor(self.moe_layers)
-        self.metrics = MetricsWriter(args, enabled=dist.get_rank() == 0)
         self.iteration = 0
         if args.load:
             self.load()
+        self.metrics = MetricsWriter(args, enabled=dist.get_rank() == 0, resume=self.iteration > 0)
         num_params = sum(p.numel() for p in self.model.parameters())
         log0(f"> model: {num_params / 1e6:.2f}M parameters on this rank, "
              f"{'SwiftMoE' if args.swiftmoe else 'static expert parallelism'}, "

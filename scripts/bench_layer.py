@@ -38,12 +38,13 @@ How to read it
     stock) and ratio >= 1.3 when skewed. They are reported as met or missed; they never change
     the exit status, which is non-zero only on errors.
 
-    With N*S == E every expert has exactly one slot: SwiftMoE can re-place experts but not
-    replicate a hot one, so a single hot expert cannot be split. Give it spare slots
-    (--slots-per-rank > E/N) to let it replicate.
+    SwiftMoE needs spare slots (N*S > E) to replicate a hot expert; the default gives it
+    S = 1.5 E/N (6 slots for 8 experts on 2 ranks, as configs/tiny_cpu.yaml; the paper used
+    N*S = 4E). With --slots-per-rank E/N every expert has exactly one slot and SwiftMoE can
+    only re-place experts, not split a hot one.
 
     python scripts/bench_layer.py                       # E=8, top-1, 2 ranks, 1 thread each
-    python scripts/bench_layer.py --topk 2 --slots-per-rank 6
+    python scripts/bench_layer.py --topk 2 --slots-per-rank 4
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn", type=int, default=1024, help="expert FFN hidden size")
     p.add_argument("--tokens", type=int, default=4096, help="tokens per rank (seq x batch)")
-    p.add_argument("--slots-per-rank", type=int, default=None, help="SwiftMoE slots S (default E/N)")
+    p.add_argument("--slots-per-rank", type=int, default=None, help="SwiftMoE slots S (default ceil(1.5 E/N))")
     p.add_argument("--placement", choices=("balanced", "contiguous"), default="balanced")
     p.add_argument("--hot-fraction", type=float, default=0.5, help="share of tokens routed to expert 0 when skewed")
     p.add_argument("--dispatcher", choices=("allgather", "alltoall"), default="allgather",
@@ -95,7 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
     if args.slots_per_rank is None:
-        args.slots_per_rank = -(-args.experts // args.ranks)
+        args.slots_per_rank = -(-3 * args.experts // (2 * args.ranks))
     if args.experts % args.ranks:
         p.error(f"--experts ({args.experts}) must be divisible by --ranks ({args.ranks}) for the stock layer")
     if not 1 <= args.topk < args.experts:

@@ -1,7 +1,7 @@
 """Time SwiftMoE placement planning and compare placement balance.
 
-One rank runs replica_counts + place + send_counts + recv_counts per MoE layer per
-step; split_plan (the full [N, N*S] matrix) is timed separately for reference.
+One rank runs replica_counts + place (once per step) and rank_plan (once per micro-batch)
+per MoE layer; split_plan (the full [N, N*S] matrix) is timed separately for reference.
 
     python scripts/bench_placement.py --experts 256 --ranks 1024 --slots-per-rank 4
 """
@@ -24,9 +24,8 @@ from megatron_swiftmoe.placement import (  # noqa: E402
     place,
     place_contiguous,
     rank_loads,
-    recv_counts,
     replica_counts,
-    send_counts,
+    rank_plan,
     split_plan,
 )
 
@@ -80,8 +79,7 @@ def main() -> None:
     def per_rank_step() -> None:
         counts = replica_counts(popularity, n * s)
         placement = place(popularity, counts, n, s)
-        send_counts(tokens, placement, args.rank)
-        recv_counts(tokens, placement, args.rank)
+        rank_plan(tokens, placement, args.rank)
 
     counts = replica_counts(popularity, n * s)
     placement = place(popularity, counts, n, s)
@@ -90,9 +88,8 @@ def main() -> None:
     rows = {
         "replica_counts": lambda: replica_counts(popularity, n * s),
         "place": lambda: place(popularity, counts, n, s),
-        "send_counts": lambda: send_counts(tokens, placement, args.rank),
-        "recv_counts": lambda: recv_counts(tokens, placement, args.rank),
-        "one rank/step (all 4)": per_rank_step,
+        "rank_plan": lambda: rank_plan(tokens, placement, args.rank),
+        "one rank/step (all 3)": per_rank_step,
         "split_plan [N, N*S]": lambda: split_plan(tokens, placement),
     }
     for name, fn in rows.items():

@@ -6,6 +6,7 @@ default pipeline (tens of MB) is only exercised up to writing its corpus JSONL.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from megatron_swiftmoe.data import (
     SentencePieceTokenizer,
     build_gpt_datasets,
     default_corpus,
+    default_data_dir,
     iter_documents,
     load_tokenizer,
     prepare_default_data,
@@ -307,37 +309,43 @@ _CONCURRENT_CHILD = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     from megatron_swiftmoe.data import prepare_default_data
-    cache, files, ready, go = sys.argv[1], json.loads(sys.argv[2]), *map(Path, sys.argv[3:5])
-    ready.touch()
-    while not go.exists():  # start all builds at the same moment
+    cache, files, go = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+    while not go.exists():
         time.sleep(0.01)
     prefix, model = prepare_default_data(cache, 512, corpus_files=[Path(f) for f in files])
     print("RESULT", json.dumps([str(prefix), str(model)]))
 """)
 
 
-def test_prepare_default_data_concurrent_processes_build_once(tmp_path):
+def test_prepare_default_data_concurrent_processes_build_once(tmp_path, capsys):
     cache, go = tmp_path / "cache", tmp_path / "go"
-    readies = [tmp_path / f"ready{i}" for i in range(3)]
     files = json.dumps([str(p) for p in SMALL_CORPUS])
     children = [
-        subprocess.Popen([sys.executable, "-c", _CONCURRENT_CHILD, str(cache), files, str(r),
-                          str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for r in readies
+        subprocess.Popen(
+            [sys.executable, "-c", _CONCURRENT_CHILD, str(cache), files, str(go)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for _ in range(2)
     ]
-    deadline = time.monotonic() + 120
-    while not all(r.exists() for r in readies) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    go.touch()
-    outputs = [child.communicate(timeout=120) for child in children]
-    assert [child.returncode for child in children] == [0, 0, 0], [err for _, err in outputs]
+    directory = default_data_dir(cache, VOCAB, SMALL_CORPUS)
+    directory.mkdir(parents=True)
+    # Hold the build lock until both children are blocked on it, so that they really race.
+    with open(directory / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        go.touch()
+        for child in children:
+            first_lines = iter(child.stdout.readline, "")
+            assert any("waiting for another process" in line for line in first_lines)
+    outputs = [child.communicate(timeout=300) for child in children]
+    assert [child.returncode for child in children] == [0, 0], [err for _, err in outputs]
     stdout = [out for out, _ in outputs]
     assert sum(out.count("preparing default data") for out in stdout) == 1
     assert sum(out.count("building corpus") for out in stdout) == 1
-    assert sum(out.count("waiting for another process") for out in stdout) >= 1
-    results = {out.split("RESULT ")[1] for out in stdout}
-    assert len(results) == 1
-    prefix, model = map(Path, json.loads(results.pop()))
+    results = {tuple(map(Path, json.loads(out.split("RESULT ")[1]))) for out in stdout}
+    # This process finds the finished build, and so does everyone after it.
+    assert results == {prepare_default_data(cache, VOCAB, corpus_files=SMALL_CORPUS)}
+    assert capsys.readouterr().out == ""
+    prefix, model = results.pop()
     assert model.is_file() and IndexedDataset.exists(str(prefix))
     assert not [p for p in cache.rglob("*") if ".tmp" in p.name]
 
