@@ -13,11 +13,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import logging
 import math
 import os
 import random
 import sys
 import time
+import warnings
 from typing import Any, Iterator
 
 import numpy as np
@@ -367,7 +369,23 @@ class Trainer:
         log0(f"> done: {self.iteration} iterations; metrics in {args.metrics_path}")
 
 
+def quiet_megatron_notices() -> None:
+    """Drop notices that are expected here: optional GPU extras missing, our MoE layer's spec."""
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|apex|TE) .*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=r"moe_ffn_hidden_size is not set|full scope is deprecated")
+    # torch 2.13 renames *_into_tensor collectives; older torch (e.g. on GPU images) lacks the new names.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+    class _NoUnknownMlp(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Unknown MLP type" not in record.getMessage()  # SwiftMoELayer is a MoELayer
+
+    logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_NoUnknownMlp())
+
+
 def main(argv: list[str] | None = None) -> None:
+    quiet_megatron_notices()
     from megatron_swiftmoe.arguments import parse_args
 
     args = parse_args(argv)  # every setting is checked before any process-group work

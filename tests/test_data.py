@@ -26,6 +26,7 @@ from megatron_swiftmoe import preprocess_data
 from megatron_swiftmoe.data import (
     SentencePieceTokenizer,
     build_gpt_datasets,
+    default_cache_dir,
     default_corpus,
     default_data_dir,
     iter_documents,
@@ -258,6 +259,18 @@ def test_gpt_index_cache_recovers_from_killed_build(data_prefix, tokenizer, tmp_
     capsys.readouterr()
     assert sample_digest(build_gpt_datasets(*args, cache_dir=tmp_path)[0]) == reference
     assert "left by an interrupted index build" in capsys.readouterr().out
+
+
+def test_cache_locations(data_prefix, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("SWIFTMOE_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path
+    assert default_data_dir(vocab_size=VOCAB).parent.parent == tmp_path
+    monkeypatch.delenv("SWIFTMOE_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "megatron_swiftmoe"
+    # Without a cache_dir the sample indices go next to the data.
+    build_gpt_datasets(data_prefix, tokenizer, 32, "1,0,0", 1, 0, 0)
+    (cache,) = (data_prefix.parent / "index_cache").iterdir()
+    assert cache.name.startswith(data_prefix.name) and (cache / "COMPLETE").is_file()
 
 
 def _distributed_build(rank: int, world_size: int, prefix: str, model: str, cache: str):
