@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import sys
 import sysconfig
 import time
@@ -28,14 +29,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
-import numpy
 import sentencepiece
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from megatron.core.datasets.utils import Split
-from megatron.core.tokenizers import MegatronTokenizerBase
+from megatron.core.tokenizers import MegatronTokenizer, MegatronTokenizerBase
 from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "PreprocessStats",
     "SentencePieceTokenizer",
     "build_gpt_datasets",
+    "build_mock_datasets",
     "default_cache_dir",
     "default_data_dir",
     "default_corpus",
@@ -298,6 +299,19 @@ def load_tokenizer(
     return tokenizer
 
 
+def _reservoir_sample(items: Iterable[_T], size: int, rng: random.Random) -> list[_T]:
+    """A uniform sample of ``size`` items (all if fewer) in one pass, holding only the sample."""
+    sample: list[_T] = []
+    for seen, item in enumerate(items):
+        if seen < size:
+            sample.append(item)
+        else:
+            slot = rng.randrange(seen + 1)
+            if slot < size:
+                sample[slot] = item
+    return sample
+
+
 def train_tokenizer(
     inputs: Sequence[Path | str] | Iterable[str],
     model_prefix: Path | str,
@@ -315,7 +329,8 @@ def train_tokenizer(
             iterable (e.g. a generator) of document texts.
         model_prefix: writes ``PREFIX.model`` and ``PREFIX.vocab`` (atomically).
         vocab_size: exact size of the vocabulary, special and byte pieces included.
-        input_sentence_size: lines sampled (shuffled) for training; caps training time.
+        input_sentence_size: lines sampled for training; caps training time.
+        seed: seeds that sample (SentencePiece's own sampling differs from run to run).
 
     The model is lossless: no normalization, whitespace kept as is, and every character outside
     the vocabulary falls back to its UTF-8 bytes, so ``detokenize(tokenize(text)) == text`` for
@@ -330,22 +345,17 @@ def train_tokenizer(
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
 
-    input_errors: list[Exception] = []
-
-    def sentences() -> Iterator[str]:
-        try:
-            for document in _documents(inputs, json_keys):
-                yield from (line for line in document.split("\n") if line.strip())
-        except Exception as err:
-            # SentencePiece turns it into a RuntimeError; kept to re-raise it as it was.
-            input_errors.append(err)
-            raise
-
-    sentencepiece.set_random_generator_seed(seed)
+    lines = (
+        line
+        for document in _documents(inputs, json_keys)
+        for line in document.split("\n")
+        if line.strip()
+    )
+    sentences = _reservoir_sample(lines, input_sentence_size, random.Random(seed))
     with _atomic_outputs(model_prefix, [".vocab", ".model"]) as tmp:
         try:
             sentencepiece.SentencePieceTrainer.train(
-                sentence_iterator=sentences(),
+                sentence_iterator=iter(sentences),
                 model_prefix=str(tmp),
                 model_type="bpe",
                 vocab_size=vocab_size,
@@ -354,8 +364,8 @@ def train_tokenizer(
                 remove_extra_whitespaces=False,
                 add_dummy_prefix=False,
                 allow_whitespace_only_pieces=True,
-                input_sentence_size=input_sentence_size,
-                shuffle_input_sentence=True,
+                input_sentence_size=0,  # sampled above
+                shuffle_input_sentence=False,
                 num_threads=num_threads,
                 unk_id=UNK_ID,
                 bos_id=BOS_ID,
@@ -364,8 +374,6 @@ def train_tokenizer(
                 minloglevel=2,
             )
         except RuntimeError as err:
-            if input_errors:
-                raise input_errors[0] from None
             raise ValueError(
                 f"training a {vocab_size}-token tokenizer for {model_prefix} failed: {err}"
             ) from err
@@ -646,8 +654,9 @@ def build_gpt_datasets(
     ``seq_length + 1`` tokens), ``loss_mask`` and ``position_ids`` (plus a dense causal
     ``attention_mask`` if ``create_attention_mask``, which megatron's attention does not need:
     it masks causally by itself). Documents are split between the sets by ``split`` weights
-    ("969,30,1" as in Megatron-LM); a set with 0 requested samples is not built (``None``). A
-    set repeats its documents (in new shuffles) when it needs more tokens than it has.
+    ("969,30,1" as in Megatron-LM); a set with 0 requested samples is not built (``None``).
+    As in Megatron, a set holds at least the requested samples (whole passes over its
+    documents, so usually more), in an order shuffled by ``seed``.
 
     The sample indices are cached in ``<cache_dir or PREFIX's folder/index_cache>/<name>-<hash
     of PREFIX.idx>/``, so re-preprocessed data never reuses stale indices. Call on every rank
@@ -666,30 +675,18 @@ def build_gpt_datasets(
     prefix = _require_indexed_dataset(data_prefix)
     if not isinstance(tokenizer, MegatronTokenizerBase):
         tokenizer = load_tokenizer(tokenizer)
-    if seq_length < 1:
-        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
     sizes = [train_samples, valid_samples, test_samples]
-    if any(size < 0 for size in sizes):
-        raise ValueError(f"sample counts must be >= 0, got {sizes}")
-
     cache = _index_cache_dir(prefix, cache_dir)
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=seq_length,
+    config = _gpt_config(
+        tokenizer,
+        seq_length,
+        sizes,
+        seed,
         blend=([prefix], None),
         split=split,
         path_to_cache=str(cache),
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
         create_attention_mask=create_attention_mask,
     )
-    # Megatron would still build (and loop forever on an empty) set asked for 0 samples; a None
-    # bound makes the builder skip it, and every rank drops the same sets.
-    for split_enum in Split:
-        if sizes[split_enum.value] == 0:
-            config.split_matrix[split_enum.value] = None
     _check_dataset_fits(prefix, tokenizer, config, sizes, max_epochs)
 
     builder = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config)
@@ -699,6 +696,55 @@ def build_gpt_datasets(
     else:
         train, valid, test = _build_in_locked_cache(cache, builder.build)
     return train, valid, test
+
+
+def build_mock_datasets(
+    vocab_size: int, seq_length: int, samples: Sequence[int], seed: int = 1234
+) -> tuple[int, GPTDataset | None, GPTDataset | None]:
+    """Megatron's synthetic data (``--mock-data``): ``MockGPTDataset`` train/valid sets.
+
+    Tokens come from megatron's ``NullTokenizer(vocab_size)``, whose EOD id is ``vocab_size``;
+    nothing is read or written on disk.
+
+    Args:
+        samples: requested (train, valid, test) sample counts; test is not returned.
+
+    Returns:
+        (vocabulary size including EOD, i.e. ``vocab_size + 1``, train set, valid set).
+    """
+    tokenizer = MegatronTokenizer.from_pretrained(
+        metadata_path={"library": "null"}, vocab_size=vocab_size
+    )
+    sizes = list(samples)
+    config = _gpt_config(tokenizer, seq_length, sizes, seed, create_attention_mask=False)
+    builder = BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, lambda: True, config)
+    train, valid, _ = builder.build()
+    return tokenizer.vocab_size, train, valid
+
+
+def _gpt_config(
+    tokenizer: MegatronTokenizerBase, seq_length: int, sizes: list[int], seed: int, **fields
+) -> GPTDatasetConfig:
+    """A GPT dataset config without resets or EOD loss masking; sets of 0 samples left out."""
+    if seq_length < 1:
+        raise ValueError(f"seq_length must be >= 1, got {seq_length}")
+    if len(sizes) != len(Split) or any(size < 0 for size in sizes):
+        raise ValueError(f"expected (train, valid, test) sample counts >= 0, got {sizes}")
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        **fields,
+    )
+    # Megatron would still build (and loop forever on an empty) set asked for 0 samples; a None
+    # bound makes the builder skip it, and every rank drops the same sets.
+    for split in Split:
+        if sizes[split.value] == 0:
+            config.split_matrix[split.value] = None
+    return config
 
 
 def _index_cache_dir(prefix: str, cache_dir: Path | str | None) -> Path:

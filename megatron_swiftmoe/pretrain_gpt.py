@@ -102,7 +102,8 @@ def forward_step(data_iterator, model):
 def masked_mean_loss(loss_mask: torch.Tensor, losses: torch.Tensor):
     mask = loss_mask.float().view(-1)
     loss = (losses.float().view(-1) * mask).sum() / mask.sum().clamp(min=1)
-    return loss, {"lm loss": loss.detach()}
+    # clone: the schedule divides the returned loss in place by the number of micro-batches.
+    return loss, {"lm loss": loss.detach().clone()}
 
 
 # --------------------------------------------------------------------------- state

@@ -26,6 +26,7 @@ from megatron_swiftmoe import preprocess_data
 from megatron_swiftmoe.data import (
     SentencePieceTokenizer,
     build_gpt_datasets,
+    build_mock_datasets,
     default_cache_dir,
     default_corpus,
     default_data_dir,
@@ -248,6 +249,15 @@ def test_gpt_datasets_errors(data_prefix, tokenizer, tmp_path):
         build_gpt_datasets(data_prefix, small, 32, "1,0,0", 1, 0, 0, cache_dir=tmp_path)
 
 
+def test_mock_datasets():
+    vocab, train, valid = build_mock_datasets(100, 16, [20, 0, 0], seed=3)
+    assert vocab == 101 and valid is None and len(train) >= 20
+    sample = train[5]
+    assert set(sample) == {"tokens", "labels", "loss_mask", "position_ids"}
+    assert sample["tokens"].shape == (16,) and int(sample["tokens"].max()) <= 100
+    assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])
+
+
 def test_gpt_index_cache_recovers_from_killed_build(data_prefix, tokenizer, tmp_path, capsys):
     args = (data_prefix, tokenizer, 32, "1,0,0", 50, 0, 0)
     reference = sample_digest(build_gpt_datasets(*args, cache_dir=tmp_path)[0])
@@ -273,20 +283,30 @@ def test_cache_locations(data_prefix, tokenizer, tmp_path, monkeypatch):
     assert cache.name.startswith(data_prefix.name) and (cache / "COMPLETE").is_file()
 
 
+def sampled_tokenizer_vocab(directory: Path) -> str:
+    """Vocabulary trained on a sample of the lines, which must not depend on the process."""
+    model = train_tokenizer(SMALL_CORPUS, directory / "sampled", 400, input_sentence_size=1000)
+    return model.with_suffix(".vocab").read_text()
+
+
 def _distributed_build(rank: int, world_size: int, prefix: str, model: str, cache: str):
     train, valid, _ = build_gpt_datasets(prefix, model, 32, "3,1,0", 40, 8, 0, cache_dir=cache)
-    digests = [None] * world_size
-    dist.all_gather_object(digests, (sample_digest(train), sample_digest(valid, 4)))
-    return digests
+    vocab = sampled_tokenizer_vocab(Path(cache) / f"rank{rank}")
+    results = [None] * world_size
+    dist.all_gather_object(results, (sample_digest(train), sample_digest(valid, 4), vocab))
+    return results
 
 
-def test_gpt_datasets_distributed_ranks_agree(data_prefix, tokenizer_model, tmp_path):
-    digests = run_distributed(_distributed_build, 2, str(data_prefix), str(tokenizer_model),
+def test_distributed_ranks_agree_with_each_other_and_this_process(
+    data_prefix, tokenizer_model, tmp_path
+):
+    results = run_distributed(_distributed_build, 2, str(data_prefix), str(tokenizer_model),
                               str(tmp_path / "cache"), tmp_path=tmp_path)
     local_train, local_valid, _ = build_gpt_datasets(data_prefix, tokenizer_model, 32, "3,1,0",
                                                      40, 8, 0, cache_dir=tmp_path / "local")
-    expected = (sample_digest(local_train), sample_digest(local_valid, 4))
-    assert digests == [expected, expected]
+    expected = (sample_digest(local_train), sample_digest(local_valid, 4),
+                sampled_tokenizer_vocab(tmp_path))
+    assert results == [expected, expected]
 
 
 # -------------------------------------------------------------------------------- default data
