@@ -371,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--moe-expert-capacity-factor", type=float, default=None,
         help="Capacity factor of each expert; tokens over capacity are dropped. Default: dropless. "
-        "Static baseline only (SwiftMoE is dropless).",
+        "With --swiftmoe each replica slot gets cf * topk * tokens / (ranks * slots), so an "
+        "expert's capacity grows with its replicas.",
     )
     g.add_argument(
         "--moe-token-drop-policy", choices=["probs", "position"], default=None,
@@ -489,6 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--swiftmoe-grouped-gemm", choices=list(GROUPED_GEMM_MODES), default="auto",
         help="Expert computation: on = one torch._grouped_mm over all slots, off = a loop over "
         "the slots, auto = grouped GEMM on CUDA with bf16/fp16, the loop otherwise.",
+    )
+    g.add_argument(
+        "--swiftmoe-replan-interval", type=int, default=1,
+        help="Re-plan the replicas every K iterations from the popularity since the last re-plan. "
+        "1 (default) is SwiftMoE. K > 1 is the FlexMoE-like baseline: replicas stay fixed between "
+        "re-plans, and at a re-plan the moved experts' parameters and optimizer state are "
+        "transferred (bytes counted in the metrics as expert_migration). With "
+        "--moe-expert-capacity-factor each expert's capacity is proportional to its replicas.",
     )
     return parser
 
@@ -896,11 +905,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
                 f"--num-experts ({e}): every expert needs a slot; use --swiftmoe-slots-per-rank "
                 f">= {math.ceil(e / n)} or more ranks"
             )
-        if capacity is not None:
-            fail(
-                "--moe-expert-capacity-factor is not supported with --swiftmoe yet (SwiftMoE is "
-                "dropless); remove it, or train the static baseline (--no-swiftmoe)"
-            )
+        if args.moe_pad_expert_input_to_capacity:
+            fail("--moe-pad-expert-input-to-capacity is not supported with --swiftmoe (it never pads)")
+        if args.swiftmoe_replan_interval < 1:
+            fail(f"--swiftmoe-replan-interval must be >= 1, got {args.swiftmoe_replan_interval}")
         if args.add_bias_linear:
             fail("--add-bias-linear is not supported with --swiftmoe: SwiftMoE's experts are bias-free")
     else:
@@ -1055,7 +1063,8 @@ def transformer_config_from_args(args: argparse.Namespace):
         moe_aux_loss_coeff=args.moe_aux_loss_coeff,
         moe_z_loss_coeff=args.moe_z_loss_coeff,
         moe_router_load_balancing_type=args.moe_router_load_balancing_type,
-        moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+        # SwiftMoE applies its own replica-proportional capacity (SwiftMoEConfig.capacity_factor).
+        moe_expert_capacity_factor=None if args.swiftmoe else args.moe_expert_capacity_factor,
         moe_token_drop_policy=args.moe_token_drop_policy or "probs",  # unused when dropless
         moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
         moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
@@ -1073,6 +1082,9 @@ def swiftmoe_config_from_args(args: argparse.Namespace) -> Optional[SwiftMoEConf
         slots_per_rank=args.swiftmoe_slots_per_rank,
         placement=args.swiftmoe_placement,
         grouped_gemm=args.swiftmoe_grouped_gemm,
+        capacity_factor=args.moe_expert_capacity_factor,
+        drop_policy=args.moe_token_drop_policy or "probs",
+        replan_interval=args.swiftmoe_replan_interval,
     )
 
 

@@ -7,9 +7,11 @@ this adds what the replication strategy needs on top of it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 PLACEMENT_POLICIES = ("balanced", "contiguous")
 GROUPED_GEMM_MODES = ("auto", "on", "off")
+DROP_POLICIES = ("probs", "position")
 
 
 @dataclass
@@ -25,11 +27,26 @@ class SwiftMoEConfig:
         grouped_gemm: ``"on"`` computes all slots with one ``torch._grouped_mm``; ``"off"``
             loops over slots; ``"auto"`` uses the grouped GEMM on CUDA for bf16/fp16 and the
             loop elsewhere (the loop was measured faster on CPU).
+        capacity_factor: ``None`` is dropless (SwiftMoE's default). Otherwise every replica
+            slot takes at most ``cf * k * T / (N * S)`` of a rank's ``T`` tokens, so expert e
+            takes ``ceil(cf * k * T * r_e / (N * S))`` from each rank, ``r_e`` its replicas: with
+            one slot per expert this is Megatron's (and DeepSpeed's) per-expert capacity. Pairs
+            over capacity are dropped (the paper ran SwiftMoE with capacity factor 1.0).
+        drop_policy: which pairs go over capacity: the lowest router probabilities
+            (``"probs"``) or the last tokens of the batch (``"position"``), as in Megatron.
+        replan_interval: re-plan the placement every this many optimizer steps from the
+            popularity since the last re-plan. 1 is SwiftMoE. K > 1 models FlexMoE-like periodic
+            re-balancing: between re-plans the replicas stay; at a re-plan the moved experts'
+            parameters and full optimizer state are transferred to their new ranks, as a system
+            whose optimizer state lives with the replicas must (see ``SwiftMoEOptimizer``).
     """
 
     slots_per_rank: int = 4
     placement: str = "balanced"
     grouped_gemm: str = "auto"
+    capacity_factor: Optional[float] = None
+    drop_policy: str = "probs"
+    replan_interval: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.slots_per_rank, int) or self.slots_per_rank < 1:
@@ -40,6 +57,12 @@ class SwiftMoEConfig:
             raise ValueError(
                 f"swiftmoe placement must be one of {PLACEMENT_POLICIES}, got {self.placement!r}"
             )
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(f"swiftmoe capacity_factor must be > 0 (or None: dropless), got {self.capacity_factor!r}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(f"swiftmoe drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
+        if not isinstance(self.replan_interval, int) or self.replan_interval < 1:
+            raise ValueError(f"swiftmoe replan_interval must be an integer >= 1, got {self.replan_interval!r}")
         if self.grouped_gemm not in GROUPED_GEMM_MODES:
             raise ValueError(
                 f"swiftmoe grouped_gemm must be one of {GROUPED_GEMM_MODES}, "

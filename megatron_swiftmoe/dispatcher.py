@@ -3,7 +3,8 @@
 Plugs into Megatron-Core's ``MoETokenDispatcher`` interface, so ``MoELayer.forward`` drives
 it unchanged. Per forward pass it
 
-1. all-gathers the ``[E]`` routed-pair counts of every rank (``[N, E]``, a few hundred bytes):
+1. all-gathers the ``[E]`` routed-pair counts of every rank (``[N, 2, E]`` with capacity
+   dropping: demand and kept pairs; a few hundred bytes):
    their column sums are the expert popularity the next placement is planned from, and the
    matrix is the input of the split plan;
 2. computes the deterministic split plan (``placement.rank_plan``) that
@@ -12,7 +13,8 @@ it unchanged. Per forward pass it
 
 Router probabilities never travel: they scale the expert outputs on the source rank when
 results are combined, which is the same function as scaling inside the expert
-(fc2 is linear). Every routed pair is computed exactly once: dropless by construction.
+(fc2 is linear). Every routed pair is computed exactly once: dropless, unless the layer's
+``SwiftMoEConfig.capacity_factor`` caps each expert at a capacity proportional to its replicas.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import all_to_all
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_swiftmoe.placement import rank_plan
+from megatron_swiftmoe.placement import drop_over_capacity, rank_plan, replica_capacity
 
 
 def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -46,8 +48,9 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         self.num_ranks = dist.get_world_size(self.group)
         self.rank = dist.get_rank(self.group)
         self.slots_per_rank = layer.slots_per_rank
-        self.last_routed_pairs = 0
+        self.last_routed_pairs = 0  # pairs this rank routed and kept in the last forward
         self.last_tokens_per_slot: torch.Tensor | None = None
+        self.last_dropped_per_expert: torch.Tensor | None = None
 
     def dispatch_preprocess(self, tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
         """Plan the split and gather the pairs in send order (slot-major, grouped by rank).
@@ -57,14 +60,25 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         """
         self.hidden_shape = tokens.shape
         hidden = tokens.reshape(-1, tokens.shape[-1])
-        local_counts = routing_map.sum(0).to(torch.int64)
-        counts = local_counts.new_empty(self.num_ranks * local_counts.numel())
-        dist.all_gather_into_tensor(counts, local_counts, group=self.group)
-        counts = counts.view(self.num_ranks, -1)
-        if self.layer.training and torch.is_grad_enabled():
-            self.layer.step_popularity += counts.sum(0)
-
         placement = self.layer.placement
+        demand = routing_map.sum(0).to(torch.int64)
+        swiftmoe = self.layer.swiftmoe
+        if swiftmoe.capacity_factor is not None:
+            replicas = torch.bincount(placement.flatten(), minlength=demand.numel())
+            capacity = replica_capacity(
+                routing_map.shape[0], self.config.moe_router_topk, replicas, placement.numel(), swiftmoe.capacity_factor
+            )
+            routing_map = drop_over_capacity(probs, routing_map, capacity, swiftmoe.drop_policy)
+        kept = routing_map.sum(0).to(torch.int64)
+        # One all-gather of [2, E] per rank: demand (popularity, before any drop) and kept pairs.
+        gathered = demand.new_empty(self.num_ranks * 2 * demand.numel())
+        dist.all_gather_into_tensor(gathered, torch.cat([demand, kept]), group=self.group)
+        gathered = gathered.view(self.num_ranks, 2, -1)
+        counts = gathered[:, 1]
+        if self.layer.training and torch.is_grad_enabled():
+            self.layer.step_popularity += gathered[:, 0].sum(0)
+        self.last_dropped_per_expert = demand - kept
+
         send, recv = rank_plan(counts, placement, self.rank)  # [N*S], [S, N]
 
         # Pairs sorted by expert; each expert's pairs fill its slots in flat slot order.
@@ -82,7 +96,7 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         arrival_slot = torch.repeat_interleave(local_slots, recv.T.flatten())
         self.slot_major = torch.argsort(arrival_slot, stable=True)
         self.tokens_per_slot = recv.sum(1)
-        self.last_routed_pairs = int(local_counts.sum())
+        self.last_routed_pairs = int(kept.sum())
         self.last_tokens_per_slot = self.tokens_per_slot
         return hidden[self.pair_token], None
 

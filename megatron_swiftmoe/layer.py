@@ -59,6 +59,7 @@ def _check_supported(config: TransformerConfig, num_ranks: int, swiftmoe: SwiftM
         "context_parallel_size": config.context_parallel_size != 1,
         "expert_model_parallel_size": config.expert_model_parallel_size != 1,
         "expert_tensor_parallel_size": (config.expert_tensor_parallel_size or 1) != 1,
+        # SwiftMoE applies its own, replica-proportional capacity: SwiftMoEConfig.capacity_factor.
         "moe_expert_capacity_factor": config.moe_expert_capacity_factor is not None,
         "moe_apply_probs_on_input": config.moe_apply_probs_on_input,
         "moe_latent_size": bool(config.moe_latent_size),
@@ -70,8 +71,9 @@ def _check_supported(config: TransformerConfig, num_ranks: int, swiftmoe: SwiftM
         raise ValueError(
             f"SwiftMoE does not support {', '.join(bad)} (got "
             + ", ".join(f"{name}={getattr(config, name)!r}" for name in bad)
-            + "); SwiftMoE replicates experts across the data-parallel ranks, dropless, with "
-            "bias-free experts: use the defaults (1 / None / False) for these settings"
+            + "); SwiftMoE replicates bias-free experts across the data-parallel ranks; use the "
+            "defaults (1 / None / False) for these settings (a capacity factor goes in "
+            "SwiftMoEConfig.capacity_factor, which scales each expert's capacity with its replicas)"
         )
 
 
@@ -144,7 +146,8 @@ class SwiftMoELayer(MoELayer):
             )
         uniform = torch.zeros(config.num_moe_experts, dtype=torch.int64, device=device)
         self.register_buffer("placement", plan_placement(uniform, num_ranks, self.swiftmoe))
-        self.register_buffer("step_popularity", uniform.clone(), persistent=False)
+        # Persistent: with replan_interval > 1 it spans steps, and a resume must not lose it.
+        self.register_buffer("step_popularity", uniform.clone())
         self.token_dispatcher = SwiftMoETokenDispatcher(self, config, pg_collection)
         # Full expert weights exist only until the optimizer takes its shards of them.
         self.initial_expert_weights: Optional[torch.Tensor] = None

@@ -10,10 +10,13 @@ mean over MoE layers), ``z_loss``, ``lr``, ``grad_norm``, ``skipped``, ``loss_sc
 ``tokens_per_s``, ``iter_time_s``, ``time_forward_backward_s``, ``time_optimizer_s``,
 ``consumed_samples``, ``bytes_sent`` (this iteration, summed over ranks: ``dense_grad``,
 ``dense_param``, ``expert_grad``, ``expert_param``, ``tokens``), and ``layers``: one entry
-per MoE layer with ``tokens_per_expert`` [E] (global routed pairs), ``replicas_per_expert``
+per MoE layer with ``tokens_per_expert`` [E] (global routed pairs that were computed, i.e.
+after capacity drops), ``replicas_per_expert``
 [E], ``tokens_per_rank`` [N] (pairs each rank's experts computed), ``static_tokens_per_rank``
 [N] (what static expert parallelism, E/N consecutive experts per rank, would have computed
-for the same routing), ``dropped_tokens`` (pairs the router dropped). Evaluation iterations
+for the same routing), ``dropped_tokens`` (pairs dropped over capacity), ``tokens_sent``
+(pairs sent to another rank). ``bytes_sent`` also has ``expert_migration`` (FlexMoE-like
+re-plans) and ``migration_peak_bytes`` is the largest migration buffer of any rank. Evaluation iterations
 add ``valid_lm_loss``.
 """
 
@@ -69,6 +72,10 @@ class MoELoadMonitor:
             if not layer.training or not isinstance(layer, SwiftMoELayer):
                 return
             dispatcher = layer.token_dispatcher
+            # SwiftMoE drops over capacity after the router, in its dispatcher.
+            dropped = dispatcher.last_dropped_per_expert.cpu()
+            self.routed[index] -= dropped
+            self.dropped[index] += int(dropped.sum())
             self.computed[index] += int(dispatcher.last_tokens_per_slot.sum())
             self.sent[index] += sum(dispatcher.send_splits) - dispatcher.send_splits[self.rank]
 

@@ -209,6 +209,49 @@ class _ExpertShards:
         return send.numel() * send.element_size()
 
     @torch.no_grad()
+    def migrate(self, next_placement: torch.Tensor, adam_state: dict) -> tuple[int, int]:
+        """FlexMoE-like re-plan: move each newly placed expert's params and optimizer state.
+
+        In a system whose optimizer state lives with the replicas, a rank that receives an
+        expert it did not hold needs that expert's parameters, fp32 master weights and both
+        Adam moments. Here every shard owner sends its shard of the fp32 state (one all-to-all)
+        and of the parameters in the model dtype (another) to every such rank, so the bytes
+        and the buffers are the real ones. The copies are then dropped: the static shards stay
+        authoritative, which keeps the math identical to SwiftMoE's. Returns (bytes sent,
+        bytes of the send and receive buffers).
+        """
+        current, upcoming = self._distinct(self.layer.placement), self._distinct(next_placement)
+        arrivals = [sorted(set(new.tolist()) - set(old.tolist())) for old, new in zip(current, upcoming)]
+        master = self.master.detach()
+        state = adam_state.get(self.master, {})
+        moments = [state.get(key, torch.zeros_like(master)) for key in ("exp_avg", "exp_avg_sq")]
+        sent = held = 0
+        for tensors, dtype in (([master, *moments], master.dtype), ([master], self.layer.experts.fc1.dtype)):
+            phase_sent, phase_held = self._send_rows(tensors, arrivals, dtype)
+            sent, held = sent + phase_sent, held + phase_held
+        return sent, held
+
+    def _send_rows(self, tensors: list[torch.Tensor], arrivals: list[list[int]], dtype) -> tuple[int, int]:
+        """Send this rank's shard of rows ``arrivals[j]`` of every tensor to rank j (one all-to-all).
+
+        Returns (bytes sent, bytes of the send and receive buffers).
+        """
+        device = tensors[0].device
+        send = [
+            torch.cat([t[torch.tensor(experts, dtype=torch.long, device=device)].to(dtype).reshape(-1) for t in tensors])
+            for experts in arrivals
+        ]
+        send_sizes = [chunk.numel() for chunk in send]
+        recv_size = len(tensors) * len(arrivals[self.layer.rank]) * self.shard_numel
+        recv = torch.empty(recv_size * self.num_ranks, dtype=dtype, device=device)
+        dist.all_to_all_single(
+            recv, torch.cat(send), output_split_sizes=[recv_size] * self.num_ranks,
+            input_split_sizes=send_sizes, group=self.group,
+        )
+        element = recv.element_size()
+        return sum(send_sizes) * element, (sum(send_sizes) + recv.numel()) * element
+
+    @torch.no_grad()
     def scatter_params(self, next_placement: torch.Tensor) -> int:
         """Send updated shards to the slots of ``next_placement`` and install it. Returns bytes sent."""
         experts = self.layer.experts
@@ -239,6 +282,7 @@ class StepStats:
     grad_norm: float = 0.0
     skipped: bool = False
     bytes_sent: dict[str, int] = field(default_factory=dict)
+    migration_peak_bytes: int = 0  # extra memory of a FlexMoE-like migration (send + receive)
 
 
 class SwiftMoEOptimizer:
@@ -307,6 +351,7 @@ class SwiftMoEOptimizer:
                 {"params": [s.master for s in self.expert_shards], "weight_decay": weight_decay, "wd_mult": 1.0}
             )
         self.adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.steps = 0
 
     @property
     def param_groups(self) -> list[dict]:
@@ -354,14 +399,21 @@ class SwiftMoEOptimizer:
                     master.grad.mul_(clip_coeff)
             self.adamw.step()
 
+        self.steps += 1
         sent["dense_param"] = sum(d.all_gather_params() for d in self.dense)
-        sent["expert_param"] = 0
+        sent["expert_param"] = sent["expert_migration"] = 0
         for shards in self.expert_shards:
             layer = shards.layer
-            next_placement = plan_placement(layer.step_popularity, self.num_ranks, layer.swiftmoe)
+            next_placement = layer.placement.clone()
+            if self.steps % layer.swiftmoe.replan_interval == 0:
+                next_placement = plan_placement(layer.step_popularity, self.num_ranks, layer.swiftmoe)
+                layer.step_popularity.zero_()
+                if layer.swiftmoe.replan_interval > 1:
+                    migrated, peak = shards.migrate(next_placement, self.adamw.state)
+                    sent["expert_migration"] += migrated
+                    stats.migration_peak_bytes = max(stats.migration_peak_bytes, peak)
             sent["expert_param"] += shards.scatter_params(next_placement)
             self._update_expert_bias(layer)
-            layer.step_popularity.zero_()
         return stats
 
     @staticmethod
@@ -382,6 +434,7 @@ class SwiftMoEOptimizer:
             "masters": [m.detach().clone() for m in self._masters()],
             "adamw": self.adamw.state_dict(),
             "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler else None,
+            "steps": self.steps,
         }
 
     @torch.no_grad()
@@ -398,5 +451,6 @@ class SwiftMoEOptimizer:
         for master, value in zip(masters, saved):
             master.copy_(value)  # in place: the master tensors stay the same objects
         self.adamw.load_state_dict(state["adamw"])
+        self.steps = state.get("steps", 0)
         if self.loss_scaler and state.get("loss_scaler"):
             self.loss_scaler.load_state_dict(state["loss_scaler"])

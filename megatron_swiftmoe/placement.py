@@ -20,6 +20,8 @@ import torch
 
 __all__ = [
     "check_layout",
+    "replica_capacity",
+    "drop_over_capacity",
     "replica_counts",
     "place",
     "place_contiguous",
@@ -335,3 +337,39 @@ def send_counts(tokens: torch.Tensor, placement: torch.Tensor, rank: int) -> tor
 def recv_counts(tokens: torch.Tensor, placement: torch.Tensor, rank: int) -> torch.Tensor:
     """Tokens ``rank``'s local slots receive from each source rank: int64 [S, N] (see rank_plan)."""
     return rank_plan(tokens, placement, rank)[1]
+
+
+def replica_capacity(
+    num_tokens: int, topk: int, replicas: torch.Tensor, num_slots: int, capacity_factor: float
+) -> torch.Tensor:
+    """Pairs each expert may take from one rank's ``num_tokens`` tokens, int64 [E].
+
+    Each of the ``num_slots`` slots holds ``capacity_factor * topk * num_tokens / num_slots``
+    pairs, so expert e (``replicas[e]`` slots) takes ``ceil(cf * k * T * r_e / num_slots)``.
+    With one slot per expert this is Megatron's ``get_capacity(T * k, E, cf)``.
+    """
+    exact = capacity_factor * topk * num_tokens * replicas.to(torch.float64) / num_slots
+    # Round before ceil so that, e.g., 1.1 * 10 = 11.000000000000002 is 11, as in exact arithmetic.
+    return torch.ceil(torch.round(exact, decimals=9)).to(torch.int64)
+
+
+def drop_over_capacity(
+    probs: torch.Tensor, routing_map: torch.Tensor, capacity: torch.Tensor, policy: str = "probs"
+) -> torch.Tensor:
+    """Routing map with the pairs over each expert's capacity removed, bool [T, E].
+
+    probs: [T, E] router probabilities; routing_map: bool [T, E]; capacity: int [E].
+    ``policy="probs"`` keeps each expert's highest-probability pairs (ties: earlier token),
+    ``"position"`` keeps its earliest tokens: Megatron's two drop policies, per-expert capacity.
+    """
+    if policy == "probs":
+        score = torch.where(routing_map, probs.float(), torch.full_like(probs, -1.0, dtype=torch.float32))
+        order = torch.argsort(score, dim=0, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        positions = torch.arange(order.shape[0], device=order.device).unsqueeze(1).expand_as(order)
+        rank.scatter_(0, order, positions)
+    elif policy == "position":
+        rank = routing_map.long().cumsum(0) - 1
+    else:
+        raise ValueError(f"drop policy must be 'probs' or 'position', got {policy!r}")
+    return routing_map & (rank < capacity.to(rank.device).unsqueeze(0))

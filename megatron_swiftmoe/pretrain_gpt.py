@@ -269,6 +269,8 @@ class Trainer:
         sent = dict(zip(sent, self.all_reduce_sum(list(sent.values()))))
         sent["tokens"] = sum(layer["tokens_sent"] for layer in layers) * self.args.hidden_size * 2 * (
             torch.finfo(self.args.params_dtype).bits // 8)
+        peak = torch.tensor([stats.migration_peak_bytes], dtype=torch.float64, device=self.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         return dict(
             iteration=self.iteration,
             consumed_samples=self.iteration * self.args.global_batch_size,
@@ -283,6 +285,7 @@ class Trainer:
             time_optimizer_s=end - middle,
             tokens_per_s=self.args.global_batch_size * self.args.seq_length / (end - start),
             bytes_sent={key: int(value) for key, value in sent.items()},
+            migration_peak_bytes=int(peak.item()),
             layers=layers,
         )
 

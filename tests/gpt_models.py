@@ -75,7 +75,7 @@ def copy_reference_into(swift: GPTModel, reference: GPTModel) -> None:
     dense = {k: v for k, v in reference.state_dict().items() if ".experts." not in k}
     missing, unexpected = swift.load_state_dict(dense, strict=False)
     assert not unexpected, unexpected
-    assert all(".experts." in k or k.endswith("placement") or "_extra_state" in k for k in missing), missing
+    assert all(".experts." in k or k.endswith(("placement", "step_popularity")) or "_extra_state" in k for k in missing), missing
     for index, layer in enumerate(swift.decoder.layers):
         assert isinstance(layer.mlp, SwiftMoELayer)
         layer.mlp.load_expert_weights(*reference_expert_weights(reference, index))

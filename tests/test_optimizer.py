@@ -140,3 +140,47 @@ def test_dynamic_loss_scaler_grows_after_clean_steps():
     for _ in range(5):
         scaler.update(found_inf=True)
     assert scaler.scale == 2.0
+
+
+def flexmoe_worker(rank: int, world_size: int, replan_interval: int):
+    gm.setup()
+    config = gm.tiny_config(num_experts=4, topk=1)
+    model = gm.build_swiftmoe(config, SwiftMoEConfig(slots_per_rank=3, replan_interval=replan_interval))
+    gm.skew_router(model)
+    optimizer = SwiftMoEOptimizer(model, lr=1e-2)
+    layers = optimizer.layers
+    placements = []
+    history = _train(model, optimizer, rank, steps=6,
+                     on_step=lambda step: placements.append([layer.placement.clone() for layer in layers]))
+    placements.append([layer.placement.clone() for layer in layers])
+    sent = torch.tensor([[h.bytes_sent["expert_migration"], h.migration_peak_bytes] for h in history])
+    dist.all_reduce(sent)
+    return dict(placements=placements, sent=sent, expert_numel=layers[0].experts.expert_numel)
+
+
+def test_flexmoe_like_replans_every_k_steps_and_migrates_moved_experts_state(tmp_path):
+    world_size, k = 2, 2
+    r = run_distributed(flexmoe_worker, world_size, k, tmp_path=tmp_path)
+    padded = -(-r["expert_numel"] // world_size) * world_size
+    bytes_per_expert = padded * (3 * 4 + 4)  # fp32 master + two Adam moments, fp32 params
+    moved_any = False
+    for step, (before, after) in enumerate(zip(r["placements"], r["placements"][1:]), start=1):
+        arrivals = sum(
+            len(set(new_row.tolist()) - set(old_row.tolist()))
+            for old, new in zip(before, after)
+            for old_row, new_row in zip(old, new)
+        )
+        if step % k:
+            assert all(torch.equal(a, b) for a, b in zip(before, after)), f"re-planned at step {step}"
+            assert r["sent"][step - 1, 0] == 0
+        else:
+            assert r["sent"][step - 1, 0] == arrivals * bytes_per_expert
+            moved_any |= arrivals > 0
+            assert (r["sent"][step - 1, 1] > 0) == (arrivals > 0)
+    assert moved_any, "no expert ever moved: the test shows nothing"
+
+
+def test_swiftmoe_never_migrates(tmp_path):
+    r = run_distributed(flexmoe_worker, 2, 1, tmp_path=tmp_path)
+    assert torch.all(r["sent"] == 0)
+    assert len({tuple(p[0].flatten().tolist()) for p in r["placements"]}) > 1

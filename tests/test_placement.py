@@ -1,4 +1,4 @@
-"""Tests for megatron_swiftmoe.placement (replica counts, placement, token split plans)."""
+"""Tests for megatron_swiftmoe.placement (replica counts, placement, split plans, capacity)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from megatron_swiftmoe.placement import (
     check_layout,
+    drop_over_capacity,
     place,
     place_contiguous,
     rank_loads,
     recv_counts,
+    replica_capacity,
     replica_counts,
     send_counts,
     split_plan,
@@ -348,3 +350,35 @@ def test_split_views_rank_out_of_range() -> None:
         send_counts(torch.tensor([[1]]), torch.tensor([[0]]), 1)
     with pytest.raises(ValueError, match=r"rank must be in \[0, 1\), got -1"):
         recv_counts(torch.tensor([[1]]), torch.tensor([[0]]), -1)
+
+
+def test_capacity_hand_example():
+    # 5 tokens, top-1, 2 experts; expert 0 has 3 of the N*S = 4 slots.
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.8, 0.2], [0.3, 0.7]])
+    routing_map = torch.tensor([[1, 0], [1, 0], [1, 0], [1, 0], [0, 1]], dtype=torch.bool)
+    capacity = replica_capacity(5, 1, torch.tensor([3, 1]), 4, capacity_factor=1.0)
+    assert capacity.tolist() == [4, 2]  # ceil(5 * 3 / 4) = 4, ceil(5 / 4) = 2
+    capacity = replica_capacity(5, 1, torch.tensor([1, 1]), 2, capacity_factor=1.0)
+    assert capacity.tolist() == [3, 3]  # one slot each: Megatron's ceil(T * k / E * cf)
+    kept = drop_over_capacity(probs, routing_map, capacity, "probs")
+    assert kept[:, 0].tolist() == [True, False, True, True, False]  # 0.6 is the lowest of four
+    kept = drop_over_capacity(probs, routing_map, capacity, "position")
+    assert kept[:, 0].tolist() == [True, True, True, False, False]  # the fourth token is late
+    assert kept[:, 1].tolist() == [False, False, False, False, True]
+
+
+@pytest.mark.parametrize("topk,capacity_factor", [(1, 1.0), (2, 1.0), (2, 0.5), (1, 1.25)])
+def test_capacity_with_one_slot_per_expert_matches_megatron(topk, capacity_factor):
+    # "probs" only: Megatron's "position" policy takes torch.topk over equal ints, whose choice
+    # among ties is unspecified; ours keeps the earliest tokens (hand example above).
+    from megatron.core.transformer.moe.moe_utils import apply_router_token_dropping
+
+    policy = "probs"
+    generator = torch.Generator().manual_seed(topk)
+    scores = torch.rand(40, 6, generator=generator)
+    top = scores.topk(topk, dim=1).indices
+    routing_map = torch.zeros_like(scores, dtype=torch.bool).scatter(1, top, True)
+    probs = scores * routing_map
+    _, megatron_map = apply_router_token_dropping(probs, routing_map, topk, capacity_factor, policy)
+    capacity = replica_capacity(40, topk, torch.ones(6, dtype=torch.long), 6, capacity_factor)
+    assert torch.equal(drop_over_capacity(probs, routing_map, capacity, policy), megatron_map)

@@ -26,11 +26,12 @@ def dataset(tmp_path_factory) -> list[str]:
     return ["--data-path", str(prefix), "--tokenizer-model", str(model), "--split", "95,5,0"]
 
 
-def model_flags(num_experts: int, slots: int) -> list[str]:
+def model_flags(num_experts: int, slots: int, topk: int = 2) -> list[str]:
     return [
         "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--ffn-hidden-size", "64",
         "--seq-length", "32", "--micro-batch-size", "2", "--num-experts", str(num_experts),
-        "--moe-router-topk", "2", "--moe-aux-loss-coeff", "1e-2", "--hidden-dropout", "0",
+        "--moe-router-topk", str(topk), *(["--moe-router-pre-softmax"] if topk == 1 else []),
+        "--moe-aux-loss-coeff", "1e-2", "--hidden-dropout", "0",
         "--attention-dropout", "0", "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
         "--lr-warmup-iters", "2", "--swiftmoe-slots-per-rank", str(slots), "--log-interval", "5",
         "--no-progress",
@@ -99,3 +100,31 @@ def test_resume_continues_exactly(dataset, tmp_path):
         assert [r.get(key) for r in resumed] == [r.get(key) for r in whole], key
     assert [r["layers"] for r in resumed] == [r["layers"] for r in whole]
     assert (Path(checkpoint) / "latest_checkpointed_iteration.txt").read_text() == "10"
+
+
+def test_capacity_factor_swiftmoe_with_one_slot_per_expert_equals_deepspeed_like(dataset, tmp_path):
+    """With N*S == E every expert has one replica, so SwiftMoE's replica-proportional capacity is
+    exactly the static per-expert capacity: same drops, same training."""
+    flags = [*dataset, *model_flags(4, 2, topk=1), "--global-batch-size", "8", "--train-iters", "6",
+             "--eval-iters", "0", "--moe-expert-capacity-factor", "1.0"]
+    swift = pretrain(tmp_path, "swift", 2, *flags, "--swiftmoe")
+    static = pretrain(tmp_path, "static", 2, *flags, "--no-swiftmoe")
+    dropped = [[layer["dropped_tokens"] for layer in r["layers"]] for r in swift]
+    assert dropped == [[layer["dropped_tokens"] for layer in r["layers"]] for r in static]
+    assert sum(map(sum, dropped)) > 0, "nothing was dropped: the test shows nothing"
+    for key in ("lm_loss", "grad_norm"):
+        torch.testing.assert_close(
+            torch.tensor([r[key] for r in swift]), torch.tensor([r[key] for r in static]), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_flexmoe_like_baseline_runs_and_counts_migrations(dataset, tmp_path):
+    records = pretrain(
+        tmp_path, "flex", 2, *dataset, *model_flags(4, 3), "--swiftmoe", "--swiftmoe-replan-interval", "4",
+        "--moe-expert-capacity-factor", "1.0", "--global-batch-size", "8", "--train-iters", "12", "--eval-iters", "0",
+    )
+    migrations = [r["bytes_sent"]["expert_migration"] for r in records]
+    assert all(m == 0 for i, m in enumerate(migrations, start=1) if i % 4), migrations
+    assert any(m > 0 for m in migrations), migrations
+    replicas = [tuple(r["layers"][0]["replicas_per_expert"]) for r in records]
+    assert all(replicas[i] == replicas[i - 1] for i in range(1, len(replicas)) if i % 4), replicas
