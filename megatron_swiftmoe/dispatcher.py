@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import all_to_all
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_swiftmoe.placement import drop_over_capacity, rank_plan, replica_capacity
+from megatron_swiftmoe.placement import drop_over_capacity, rank_plan, repeat, replica_capacity
 
 
 def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         # Pairs sorted by expert; each expert's pairs fill its slots in flat slot order.
         pair_expert, pair_token = routing_map.T.nonzero(as_tuple=True)
         slots_by_expert = torch.argsort(placement.flatten(), stable=True)
-        pair_slot = torch.repeat_interleave(slots_by_expert, send[slots_by_expert])
+        pair_slot = repeat(slots_by_expert, send[slots_by_expert])
         send_order = torch.argsort(pair_slot, stable=True)
         self.pair_token = pair_token[send_order]
         self.pair_prob = probs[pair_token, pair_expert][send_order]
@@ -93,7 +93,7 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
 
         # Arrivals come source-major; experts want them slot-major.
         local_slots = torch.arange(self.slots_per_rank, device=recv.device).repeat(self.num_ranks)
-        arrival_slot = torch.repeat_interleave(local_slots, recv.T.flatten())
+        arrival_slot = repeat(local_slots, recv.T.flatten())
         self.slot_major = torch.argsort(arrival_slot, stable=True)
         self.tokens_per_slot = recv.sum(1)
         self.last_routed_pairs = int(kept.sum())

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 __all__ = [
+    "repeat",
     "check_layout",
     "replica_capacity",
     "drop_over_capacity",
@@ -31,6 +32,17 @@ __all__ = [
     "send_counts",
     "recv_counts",
 ]
+
+
+def repeat(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``values[i]`` repeated ``counts[i]`` times: ``torch.repeat_interleave`` without its
+    multi-threaded CPU kernel, which costs ~0.25 ms a call with 2 threads (vs. ~10 us here).
+
+    values: [K]; counts: int [K], non-negative. Returns [counts.sum()].
+    """
+    ends = torch.cumsum(counts, 0)
+    positions = torch.arange(int(ends[-1]) if ends.numel() else 0, device=values.device)
+    return values[torch.searchsorted(ends, positions, right=True)]
 
 
 def check_layout(num_experts: int, num_ranks: int, slots_per_rank: int, topk: int | None = None) -> None:
@@ -147,7 +159,7 @@ def place_contiguous(counts: torch.Tensor, num_ranks: int, slots_per_rank: int) 
     """
     _check_counts(counts, num_ranks, slots_per_rank)
     experts = torch.arange(counts.numel(), device=counts.device)
-    flat = experts.repeat_interleave(counts.to(torch.int64), output_size=num_ranks * slots_per_rank)
+    flat = repeat(experts, counts.to(torch.int64))
     return flat.view(num_ranks, slots_per_rank)
 
 
@@ -174,8 +186,8 @@ def place(popularity: torch.Tensor, counts: torch.Tensor, num_ranks: int, slots_
     dev = counts.device
     counts = counts.to(torch.int64)
     weight = popularity.to(device=dev, dtype=torch.float64) / counts
-    experts = torch.arange(counts.numel(), device=dev).repeat_interleave(counts, output_size=n * s)
-    weight = weight.repeat_interleave(counts, output_size=n * s)
+    experts = repeat(torch.arange(counts.numel(), device=dev), counts)
+    weight = weight[experts]
     # Stable: equal loads keep expert-id order, which keeps each expert contiguous.
     order = torch.argsort(weight, descending=True, stable=True)
     experts, weight = experts[order].view(s, n), weight[order].view(s, n)

@@ -126,14 +126,14 @@ class _Ctx:
     cluster: Cluster
     model: ModelShape
     mfu: float
-    n: int = 0
-    node: torch.Tensor = None  # [N] node of each rank
-    micro_batches: int = 0
-    pairs: float = 0.0  # routed (token, expert) pairs per iteration per layer
-    pbytes: int = 2
-    opt_bytes: int = 12
-    rate: float = 0.0  # achieved FLOP/s per GPU
     planning: tuple[float, float] = (0.0, 0.0)  # seconds per layer: per iteration, per micro-batch
+    n: int = field(init=False)  # ranks
+    node: torch.Tensor = field(init=False)  # [N] node of each rank
+    micro_batches: int = field(init=False)  # M, per rank and iteration
+    pairs: float = field(init=False)  # routed (token, expert) pairs per iteration and layer
+    pbytes: int = field(init=False)  # w, bytes per model parameter
+    opt_bytes: int = field(init=False)  # optimizer state bytes per parameter
+    rate: float = field(init=False)  # achieved FLOP/s per GPU
 
     def __post_init__(self) -> None:
         c, m = self.cluster, self.model
@@ -308,7 +308,10 @@ def _swiftmoe_sync(ctx: _Ctx, now: torch.Tensor, nxt: torch.Tensor) -> tuple[flo
     all-to-all). ``now``/``nxt``: distinct experts per rank [N]. Returns (s, grad B, param B, wire)."""
     n, g = ctx.n, ctx.cluster.gpus_per_node
     shard = ctx.shard
-    node_sum = lambda u: torch.zeros(ctx.cluster.num_nodes, dtype=u.dtype).index_add_(0, ctx.node, u)[ctx.node]
+
+    def node_sum(u: torch.Tensor) -> torch.Tensor:  # sum of u over each rank's node
+        return torch.zeros(ctx.cluster.num_nodes, dtype=u.dtype).index_add_(0, ctx.node, u)[ctx.node]
+
     seconds, wire = 0.0, {}
     for kind, u, nbytes in (("expert_grad", now, 4), ("expert_param", nxt, ctx.pbytes)):
         u = u.double()
@@ -470,11 +473,100 @@ def simulate(
     (per iteration, the paper's accounting) and ``wire_bytes`` (off-rank bytes sent),
     ``load_imbalance`` (max / mean rank load, mean over layers and iterations), ``survival``,
     ``replans``, ``replan_slowdown``, ``memory_gb`` (per rank, weights + grads + optimizer
-    state), ``iteration_ms`` and ``speedup_vs_static`` / ``speedup_vs_deepspeed``.
+    state), ``per_iteration`` (``time_ms``, ``migration_ms``, ``expert_grad_bytes``,
+    ``expert_param_bytes``, ``migration_bytes``: one entry per trace iteration) and
+    ``speedup_vs_static`` / ``speedup_vs_deepspeed`` (static's / deepspeed's time over this one).
     """
     with _single_thread():
         return _simulate(trace, cluster, model, list(strategies), mfu, capacity_factor,
                          swiftmoe_capacity_factor, planning_s)
+
+
+def _run_strategy(ctx: _Ctx, kind: str, every: int, raw: torch.Tensor, scaled: torch.Tensor,
+                  layer_map: dict[int, int], dense: dict, capacity_factor: Optional[float],
+                  swiftmoe_capacity_factor: Optional[float]) -> dict:
+    """One strategy over the whole trace: sums the layers (each trace layer counted for the
+    model layers replaying it), adds the per-iteration terms and summarises."""
+    model, cluster, iters = ctx.model, ctx.cluster, raw.shape[0]
+    parts = torch.zeros(iters, len(PARTS), dtype=torch.float64)
+    nbytes = torch.zeros(iters, len(BYTE_KINDS), dtype=torch.float64)
+    wire = torch.zeros(iters, len(BYTE_KINDS), dtype=torch.float64)
+    fetch_bytes = [torch.zeros(2, ctx.n, dtype=torch.float64) for _ in range(iters)]  # intra, inter
+    replanned = [False] * iters
+    imbalance = routed = kept = 0.0
+    for j, mult in layer_map.items():
+        tokens = scaled[:, j]
+        if kind == "static":
+            steps = _static(ctx, tokens, None)
+        elif kind == "deepspeed":
+            steps = _static(ctx, tokens, capacity_factor)
+        elif kind == "flexmoe":
+            steps = _flexmoe(ctx, tokens, raw[:, j], every, capacity_factor)
+        else:
+            steps = _swiftmoe(ctx, tokens, raw[:, j], swiftmoe_capacity_factor)
+        for i, step in enumerate(steps):
+            mx, mean = float(step.load.max()), float(step.load.mean())
+            parts[i, PARTS.index("expert")] += mult * 6 * mx * model.expert_params / ctx.rate
+            parts[i, PARTS.index("a2a")] += mult * step.a2a_s
+            parts[i, PARTS.index("expert_sync")] += mult * step.sync_s
+            nbytes[i, BYTE_KINDS.index("expert_grad")] += mult * step.grad_bytes
+            nbytes[i, BYTE_KINDS.index("expert_param")] += mult * step.param_bytes
+            for key, value in step.wire.items():
+                wire[i, BYTE_KINDS.index(key)] += mult * value
+            imbalance += mult * (mx / mean if mean else 1.0)
+            routed += mult * step.routed
+            kept += mult * step.kept
+            replanned[i] |= step.replanned
+            if step.fetch is not None:  # weights + optimizer state of every fetched expert
+                fetch_bytes[i] += mult * step.fetch * model.expert_params * (ctx.pbytes + ctx.opt_bytes)
+    nbytes[:, BYTE_KINDS.index("tokens")] = wire[:, BYTE_KINDS.index("tokens")]
+    owned, state = _expert_state(ctx, kind)
+    lm = model.num_moe_layers
+    step_bytes = 16 + 12 + (ctx.pbytes if ctx.pbytes < 4 else 0)
+    step_s = (dense["padded"] / ctx.n + lm * owned) * step_bytes / (cluster.hbm_gb_s * 1e9)
+    peak_fetch = 0.0
+    for i in range(iters):
+        parts[i, PARTS.index("dense")] = dense["dense_s"]
+        parts[i, PARTS.index("dense_sync")] = dense["sync_s"]
+        parts[i, PARTS.index("step")] = step_s
+        intra, inter = fetch_bytes[i]
+        if float(fetch_bytes[i].sum()) > 0:
+            # Moves fetch from a holder in the same node if any, else over the network.
+            parts[i, PARTS.index("migration")] = _transfer_s(ctx, intra * 0, inter * 0, intra, inter)
+            nbytes[i, BYTE_KINDS.index("migration")] = wire[i, BYTE_KINDS.index("migration")] = float(
+                fetch_bytes[i].sum())
+            peak_fetch = max(peak_fetch, float((intra + inter).max()))
+        if kind == "swiftmoe":
+            plan, split = ctx.planning
+            parts[i, PARTS.index("planning")] = lm * (plan + ctx.micro_batches * split)
+        elif kind == "flexmoe" and replanned[i]:
+            parts[i, PARTS.index("planning")] = lm * ctx.planning[0]
+    nbytes[:, BYTE_KINDS.index("dense_grad")] = dense["grad"]
+    nbytes[:, BYTE_KINDS.index("dense_param")] = dense["param"]
+    wire[:, BYTE_KINDS.index("dense_grad")] = dense["wire_grad"]
+    wire[:, BYTE_KINDS.index("dense_param")] = dense["wire_param"]
+    totals = parts.sum(1) * 1e3
+    replans = [i for i in range(iters) if replanned[i]] if kind != "swiftmoe" else []
+    others = [i for i in range(iters) if i not in replans]
+    memory = model.dense_params * (ctx.pbytes + 4) + dense["padded"] / ctx.n * ctx.opt_bytes + lm * state
+    return dict(
+        time_ms=float(totals.mean()),
+        parts_ms={p: float(parts[:, k].mean()) * 1e3 for k, p in enumerate(PARTS)},
+        bytes={b: float(nbytes[:, k].mean()) for k, b in enumerate(BYTE_KINDS)},
+        wire_bytes={b: float(wire[:, k].mean()) for k, b in enumerate(BYTE_KINDS)},
+        load_imbalance=imbalance / (iters * lm),
+        survival=kept / routed if routed else 1.0,
+        replans=iters if kind == "swiftmoe" else len(replans),
+        replan_slowdown=(float(totals[replans].mean() / totals[others].mean()) if replans and others else None),
+        memory_gb=(memory + peak_fetch) / 1e9,
+        migration_peak_gb=peak_fetch / 1e9,
+        per_iteration=dict(
+            time_ms=totals.tolist(),
+            migration_ms=(parts[:, PARTS.index("migration")] * 1e3).tolist(),
+            **{f"{b}_bytes": nbytes[:, BYTE_KINDS.index(b)].tolist()
+               for b in ("expert_grad", "expert_param", "migration")},
+        ),
+    )
 
 
 def _simulate(trace: Trace, cluster: Cluster, model: ModelShape, strategies: list[str], mfu: float,
@@ -505,83 +597,11 @@ def _simulate(trace: Trace, cluster: Cluster, model: ModelShape, strategies: lis
         notes.append(f"trace recorded on {trace.num_ranks} ranks, replayed on {cluster.num_gpus}: expert "
                      "popularity shares are kept, placements re-planned")
 
-    results = {}
-    for name in strategies:
-        kind, every = kinds[name]
-        parts = torch.zeros(iters, len(PARTS), dtype=torch.float64)
-        nbytes = torch.zeros(iters, len(BYTE_KINDS), dtype=torch.float64)
-        wire = torch.zeros(iters, len(BYTE_KINDS), dtype=torch.float64)
-        fetch_bytes = [torch.zeros(2, ctx.n, dtype=torch.float64) for _ in range(iters)]  # intra, inter
-        replanned = [False] * iters
-        imbalance = routed = kept = 0.0
-        for j, mult in layer_map.items():
-            tokens = scaled[:, j]
-            if kind == "static":
-                steps = _static(ctx, tokens, None)
-            elif kind == "deepspeed":
-                steps = _static(ctx, tokens, capacity_factor)
-            elif kind == "flexmoe":
-                steps = _flexmoe(ctx, tokens, raw[:, j], every, capacity_factor)
-            else:
-                steps = _swiftmoe(ctx, tokens, raw[:, j], swiftmoe_capacity_factor)
-            for i, step in enumerate(steps):
-                mx, mean = float(step.load.max()), float(step.load.mean())
-                parts[i, PARTS.index("expert")] += mult * 6 * mx * model.expert_params / ctx.rate
-                parts[i, PARTS.index("a2a")] += mult * step.a2a_s
-                parts[i, PARTS.index("expert_sync")] += mult * step.sync_s
-                nbytes[i, BYTE_KINDS.index("expert_grad")] += mult * step.grad_bytes
-                nbytes[i, BYTE_KINDS.index("expert_param")] += mult * step.param_bytes
-                for key, value in step.wire.items():
-                    wire[i, BYTE_KINDS.index(key)] += mult * value
-                imbalance += mult * (mx / mean if mean else 1.0)
-                routed += mult * step.routed
-                kept += mult * step.kept
-                replanned[i] |= step.replanned
-                if step.fetch is not None:  # weights + optimizer state of every fetched expert
-                    fetch_bytes[i] += mult * step.fetch * model.expert_params * (ctx.pbytes + ctx.opt_bytes)
-        nbytes[:, BYTE_KINDS.index("tokens")] = wire[:, BYTE_KINDS.index("tokens")]
-        owned, state = _expert_state(ctx, kind)
-        lm = model.num_moe_layers
-        step_bytes = 16 + 12 + (ctx.pbytes if ctx.pbytes < 4 else 0)
-        step_s = (dense["padded"] / ctx.n + lm * owned) * step_bytes / (cluster.hbm_gb_s * 1e9)
-        peak_fetch = 0.0
-        for i in range(iters):
-            parts[i, PARTS.index("dense")] = dense["dense_s"]
-            parts[i, PARTS.index("dense_sync")] = dense["sync_s"]
-            parts[i, PARTS.index("step")] = step_s
-            intra, inter = fetch_bytes[i]
-            if float(fetch_bytes[i].sum()) > 0:
-                # Moves fetch from a holder in the same node if any, else over the network.
-                parts[i, PARTS.index("migration")] = _transfer_s(ctx, intra * 0, inter * 0, intra, inter)
-                nbytes[i, BYTE_KINDS.index("migration")] = wire[i, BYTE_KINDS.index("migration")] = float(
-                    fetch_bytes[i].sum())
-                peak_fetch = max(peak_fetch, float((intra + inter).max()))
-            if kind == "swiftmoe":
-                plan, split = ctx.planning
-                parts[i, PARTS.index("planning")] = lm * (plan + ctx.micro_batches * split)
-            elif kind == "flexmoe" and replanned[i]:
-                parts[i, PARTS.index("planning")] = lm * ctx.planning[0]
-        nbytes[:, BYTE_KINDS.index("dense_grad")] = dense["grad"]
-        nbytes[:, BYTE_KINDS.index("dense_param")] = dense["param"]
-        wire[:, BYTE_KINDS.index("dense_grad")] = dense["wire_grad"]
-        wire[:, BYTE_KINDS.index("dense_param")] = dense["wire_param"]
-        totals = parts.sum(1) * 1e3
-        replans = [i for i in range(iters) if replanned[i]] if kind == "flexmoe" else []
-        others = [i for i in range(iters) if i not in replans]
-        memory = model.dense_params * (ctx.pbytes + 4) + dense["padded"] / ctx.n * ctx.opt_bytes + lm * state
-        results[name] = dict(
-            time_ms=float(totals.mean()),
-            parts_ms={p: float(parts[:, k].mean()) * 1e3 for k, p in enumerate(PARTS)},
-            bytes={b: float(nbytes[:, k].mean()) for k, b in enumerate(BYTE_KINDS)},
-            wire_bytes={b: float(wire[:, k].mean()) for k, b in enumerate(BYTE_KINDS)},
-            load_imbalance=imbalance / (iters * lm),
-            survival=kept / routed if routed else 1.0,
-            replans=len(replans),
-            replan_slowdown=(float(totals[replans].mean() / totals[others].mean()) if replans and others else None),
-            memory_gb=(memory + peak_fetch) / 1e9,
-            migration_peak_gb=peak_fetch / 1e9,
-            iteration_ms=[float(x) for x in totals],
-        )
+    results = {
+        name: _run_strategy(ctx, *kinds[name], raw, scaled, layer_map, dense, capacity_factor,
+                            swiftmoe_capacity_factor)
+        for name in strategies
+    }
     for name, res in results.items():
         for base in ("static", "deepspeed"):
             res[f"speedup_vs_{base}"] = results[base]["time_ms"] / res["time_ms"] if base in results else None

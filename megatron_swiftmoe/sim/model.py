@@ -19,7 +19,11 @@ __all__ = ["ModelShape", "load_model", "MODEL_NAMES", "CONFIG_DIR"]
 
 #: ``configs/`` of the source checkout.
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-MODEL_NAMES = {"gpt-small": "gpt_small_moe.yaml", "gpt-medium": "gpt_medium_moe.yaml", "gpt-large": "gpt_large_moe.yaml"}
+MODEL_NAMES = {
+    "gpt-small": "gpt_small_moe.yaml",
+    "gpt-medium": "gpt_medium_moe.yaml",
+    "gpt-large": "gpt_large_moe.yaml",
+}
 DEFAULT_VOCAB_SIZE = 8192  # megatron_swiftmoe.arguments.DEFAULT_VOCAB_SIZE (built-in tokenizer)
 
 

@@ -1,0 +1,296 @@
+"""Tests for megatron_swiftmoe.sim: the cost model, clusters, model shapes, traces and CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from megatron_swiftmoe import placement
+from megatron_swiftmoe.sim import (
+    Cluster, ModelShape, Trace, calibrate_mfu, get_cluster, load_cluster, load_model, load_trace,
+    replan_min_moves, simulate,
+)
+from megatron_swiftmoe.sim.__main__ import main
+
+#: The first 6 records of a real run (configs/tiny_cpu.yaml on 2 CPU ranks, SwiftMoE; trimmed
+#: to the keys the simulator reads). Iterations 5-6 have same-rank duplicate replicas.
+REAL_RECORDS = """\
+{"iteration":1,"iter_time_s":0.378,"bytes_sent":{"dense_grad":4535296,"expert_grad":3145728,"dense_param":2267648,"expert_param":3145728,"tokens":1128960},"layers":[{"tokens_per_expert":[568,455,587,412,596,488,579,411],"replicas_per_expert":[2,2,2,2,1,1,1,1],"tokens_per_rank":[2188,1908]},{"tokens_per_expert":[462,583,514,430,415,533,740,419],"replicas_per_expert":[2,2,2,2,1,1,1,1],"tokens_per_rank":[2151,1945]}]}
+{"iteration":2,"iter_time_s":0.3066,"bytes_sent":{"dense_grad":4535296,"expert_grad":3145728,"dense_param":2267648,"expert_param":3145728,"tokens":954368},"layers":[{"tokens_per_expert":[532,472,610,422,542,491,586,441],"replicas_per_expert":[2,1,2,1,2,1,2,1],"tokens_per_rank":[2070,2026]},{"tokens_per_expert":[428,578,511,389,397,537,801,455],"replicas_per_expert":[1,2,2,1,1,2,2,1],"tokens_per_rank":[2040,2056]}]}
+{"iteration":3,"iter_time_s":0.1941,"bytes_sent":{"dense_grad":4535296,"expert_grad":3145728,"dense_param":2267648,"expert_param":3145728,"tokens":956416},"layers":[{"tokens_per_expert":[507,482,545,439,591,512,564,456],"replicas_per_expert":[2,1,2,1,2,1,2,1],"tokens_per_rank":[2056,2040]},{"tokens_per_expert":[411,655,530,425,392,494,796,393],"replicas_per_expert":[1,2,2,1,1,2,2,1],"tokens_per_rank":[2058,2038]}]}
+{"iteration":4,"iter_time_s":0.248,"bytes_sent":{"dense_grad":4535296,"expert_grad":3145728,"dense_param":2267648,"expert_param":3145728,"tokens":939520},"layers":[{"tokens_per_expert":[488,427,611,419,604,518,586,443],"replicas_per_expert":[1,1,2,1,2,2,2,1],"tokens_per_rank":[2067,2029]},{"tokens_per_expert":[494,745,528,406,371,420,823,309],"replicas_per_expert":[1,2,2,1,1,2,2,1],"tokens_per_rank":[2038,2058]}]}
+{"iteration":5,"iter_time_s":0.3267,"bytes_sent":{"dense_grad":4535296,"expert_grad":3145728,"dense_param":2267648,"expert_param":3014656,"tokens":838656},"layers":[{"tokens_per_expert":[532,407,662,419,530,485,623,438],"replicas_per_expert":[1,1,2,1,2,2,2,1],"tokens_per_rank":[2102,1994]},{"tokens_per_expert":[557,980,512,307,333,337,869,201],"replicas_per_expert":[2,2,2,1,1,1,2,1],"tokens_per_rank":[2000,2096]}]}
+{"iteration":6,"iter_time_s":0.2922,"bytes_sent":{"dense_grad":4535296,"expert_grad":3014656,"dense_param":2267648,"expert_param":3014656,"tokens":835584},"layers":[{"tokens_per_expert":[529,333,704,359,557,475,646,493],"replicas_per_expert":[2,1,2,1,2,1,2,1],"tokens_per_rank":[2028,2068]},{"tokens_per_expert":[771,1168,394,192,218,197,1002,154],"replicas_per_expert":[2,3,1,1,1,1,2,1],"tokens_per_rank":[2216,1880]}]}
+"""
+
+ZERO_LATENCY = dict(base_latency_us=0, intra_hop_us=0, inter_hop_us=0,
+                    small_base_latency_us=0, small_intra_hop_us=0, small_inter_hop_us=0)
+
+
+def toy_cluster(num_gpus: int = 2, gpus_per_node: int = 1, nvlink_gb_s=None) -> Cluster:
+    """Round numbers: 1 TFLOPS, 1 GB/s network per GPU (8 Gb/s NIC), 1 TB/s HBM, no latency."""
+    return Cluster(name="toy", num_gpus=num_gpus, gpus_per_node=gpus_per_node, peak_tflops=1.0,
+                   fp32_tflops=1.0, hbm_gb_s=1000.0, memory_gb=80.0, pcie_gb_s=100.0, nic_gbit_s=8.0,
+                   nvlink_gb_s=nvlink_gb_s, **ZERO_LATENCY)
+
+
+def toy_model(num_experts: int = 2, slots: int = 1, batch: int = 2) -> ModelShape:
+    """h = F = 1000, seq 1000, 1 MoE layer, top-1, bf16: P_e = 2e6, P_d = 4h^2 + E h + V h."""
+    return ModelShape(name="toy", num_layers=1, hidden_size=1000, ffn_hidden_size=1000,
+                      moe_ffn_hidden_size=1000, num_experts=num_experts, topk=1, seq_length=1000,
+                      global_batch_size=batch, micro_batch_size=1, slots_per_rank=slots, vocab_size=1000,
+                      moe_layers=(1,), param_bytes=2, norm_params=0)
+
+
+def run(trace, cluster, model, strategies, **kwargs):
+    kwargs.setdefault("mfu", 1.0)
+    kwargs.setdefault("planning_s", 0.0)
+    return simulate(trace, cluster, model, strategies, **kwargs)["strategies"]
+
+
+# ----------------------------------------------------------------------------- hand-computed times
+
+
+def test_hand_computed_two_ranks_two_experts():
+    """2 ranks (2 nodes), 2 experts, 2000 pairs routed 1500 / 500; everything by hand in ms."""
+    model = toy_model()
+    assert model.expert_params == 2_000_000 and model.dense_params == 5_002_000
+    trace = Trace.from_tokens([[1500, 500]])
+    res = run(trace, toy_cluster(), model, ["static", "swiftmoe", "deepspeed"])
+
+    dense = 1000 * (6 * 5_002_000 + 12 * 1 * 1000 * 1000) / 1e12 * 1e3  # 1000 tokens/rank: 42.012
+    dense_sync = 0.5 * 5_002_000 * 4 / 1e9 * 1e3 + 0.5 * 5_002_000 * 2 / 1e9 * 1e3  # RS fp32 + AG bf16
+    step = (5_002_000 / 2 + 2_000_000) * 30 / 1e12 * 1e3  # owned params x 30 B / 1 TB/s
+    static = res["static"]["parts_ms"]
+    assert static["expert"] == pytest.approx(6 * 1500 * 2e6 / 1e12 * 1e3)  # 18: rank 0 computes 1500
+    assert static["a2a"] == pytest.approx(4 * 750 * 1000 * 2 / 1e9 * 1e3)  # 6: rank 1 sends 750 pairs
+    assert static["dense"] == pytest.approx(42.012)
+    assert static["dense_sync"] == pytest.approx(15.006)
+    assert static["expert_sync"] == 0.0  # one copy of each expert: its state stays home
+    assert static["step"] == pytest.approx(step)
+    assert res["static"]["time_ms"] == pytest.approx(18 + 6 + dense + dense_sync + step)
+    assert res["static"]["time_ms"] == pytest.approx(81.15303)
+
+    # SwiftMoE, 1 slot per rank: the same layout, plus its shard traffic: 1e6-element shards,
+    # 4 MB of fp32 grads and 2 MB of bf16 params each way over 1 GB/s.
+    swift = res["swiftmoe"]
+    assert swift["parts_ms"]["expert_sync"] == pytest.approx(4 + 2)
+    assert swift["time_ms"] == pytest.approx(81.15303 + 6)
+    assert swift["bytes"]["expert_grad"] == 2 * 2e6 * 4 and swift["bytes"]["expert_param"] == 2 * 2e6 * 2
+    assert swift["bytes"]["dense_grad"] == 2 * 5_002_000 * 4 and swift["bytes"]["dense_param"] == 2 * 5_002_000 * 2
+    assert swift["bytes"]["tokens"] == 4 * (250 + 750) * 1000 * 2
+    assert swift["speedup_vs_static"] == pytest.approx(81.15303 / 87.15303)
+
+    # DeepSpeed, capacity factor 1: C = ceil(1000 / 2) = 500 per (rank, expert). Each rank keeps
+    # min(750, 500) + min(250, 500) = 750 of its 1000 pairs; compute and all-to-all are padded.
+    ds = res["deepspeed"]
+    assert ds["survival"] == pytest.approx(0.75)
+    assert ds["parts_ms"]["expert"] == pytest.approx(6 * 2 * 500 * 2e6 / 1e12 * 1e3)  # 12
+    assert ds["parts_ms"]["a2a"] == pytest.approx(4 * 500 * 2000 / 1e9 * 1e3)  # 4
+    assert ds["time_ms"] == pytest.approx(12 + 4 + dense + dense_sync + step)
+    assert res["static"]["survival"] == swift["survival"] == 1.0
+
+
+def test_hand_computed_intra_and_inter_node_split():
+    """4 ranks, 2 per node; every pair goes to expert 0 on rank 0: rank 1's 1000 pairs come over
+    NVLink (4 GB/s), ranks 2 and 3's 2000 over the network (1 GB/s)."""
+    model = toy_model(num_experts=4, batch=4)
+    trace = Trace.from_tokens([[4000, 0, 0, 0]])
+    res = run(trace, toy_cluster(4, 2, nvlink_gb_s=4.0), model, ["static"])["static"]
+    per_a2a = max(1000 * 2000 / 4e9, 2000 * 2000 / 1e9) * 1e3  # max(0.5, 4) ms
+    assert res["parts_ms"]["a2a"] == pytest.approx(4 * per_a2a)
+    assert res["parts_ms"]["expert"] == pytest.approx(6 * 4000 * 2e6 / 1e12 * 1e3)
+    assert res["load_imbalance"] == pytest.approx(4.0)
+
+
+def test_latency_terms():
+    cluster = get_cluster("h100-64")  # 8 nodes x 8
+    # NCCL ring: 8.4 + (64 - 8) x 3.4 + (8 - 1) x 14 us
+    assert cluster.ring_latency(64, 8) == pytest.approx((8.4 + 56 * 3.4 + 7 * 14.0) * 1e-6)
+    assert cluster.ring_latency(8, 1, small=True) == pytest.approx((6.6 + 7 * 0.6) * 1e-6)
+    assert cluster.a2a_latency(True) == pytest.approx((8.4 + 14.0) * 1e-6)
+    assert cluster.ring_latency(1, 1) == 0.0
+
+
+# ----------------------------------------------------------------------------- the paper's identity
+
+
+@pytest.mark.parametrize("num_ranks,num_experts", [(4, 2), (8, 4), (16, 8)])
+def test_identity_swiftmoe_moves_static_bytes(num_ranks, num_experts):
+    """S = E / EP slots (static: EP = gcd(E, N), D = N / EP copies, ZeRO over the copies):
+    SwiftMoE moves S*N*G gradient and S*N*W parameter bytes every iteration, like static,
+    however popularity changes (S = 1: no same-rank duplicates)."""
+    pops = [[90, 10], [10, 90], [50, 50], [70, 30], [20, 80]]
+    tokens = [[p[e % 2] + 3 * e for e in range(num_experts)] for p in pops]
+    counts = [placement.replica_counts(torch.tensor(t), num_ranks).tolist() for t in tokens]
+    assert len({tuple(c) for c in counts}) > 2  # the replication really changes
+    model = toy_model(num_experts=num_experts, batch=num_ranks)
+    cluster = toy_cluster(num_ranks, 2, nvlink_gb_s=4.0)
+    res = run(Trace.from_tokens(tokens), cluster, model, ["static", "swiftmoe"])
+    s, n, g, w = 1, num_ranks, model.expert_params * 4, model.expert_params * 2
+    for kind, size in (("expert_grad_bytes", s * n * g), ("expert_param_bytes", s * n * w)):
+        assert res["static"]["per_iteration"][kind] == [size] * 5
+        assert res["swiftmoe"]["per_iteration"][kind] == [size] * 5
+
+
+def test_identity_needs_distinct_replicas():
+    """With 2 slots per rank a 3-replica expert on 2 ranks shares a rank: its replicas' grads
+    are summed locally first, so SwiftMoE moves less than S*N*G."""
+    model = toy_model(num_experts=2, slots=2)
+    res = run(Trace.from_tokens([[30, 10], [30, 10]]), toy_cluster(), model, ["swiftmoe"])["swiftmoe"]
+    full = 2 * 2 * model.expert_params * 4
+    assert res["per_iteration"]["expert_grad_bytes"] == [full, 3 * model.expert_params * 4]
+
+
+def test_real_trace_bytes_match_the_optimizer():
+    """Replaying a real run on its own 2 ranks reproduces the optimizer's reported bytes."""
+    trace = Trace.from_tokens([[l["tokens_per_expert"] for l in json.loads(line)["layers"]]
+                               for line in REAL_RECORDS.splitlines()])
+    recorded = [json.loads(line)["bytes_sent"] for line in REAL_RECORDS.splitlines()]
+    model = load_model("configs/tiny_cpu.yaml")
+    assert model.dense_params == recorded[0]["dense_grad"] // (2 * 4)  # 566,912 fp32 grads per rank
+    res = run(trace, toy_cluster(2, 2, nvlink_gb_s=4.0), model, ["swiftmoe"])["swiftmoe"]
+    assert res["per_iteration"]["expert_grad_bytes"] == [r["expert_grad"] for r in recorded]
+    assert res["per_iteration"]["expert_param_bytes"] == [r["expert_param"] for r in recorded]
+    assert recorded[4]["expert_param"] < recorded[0]["expert_param"]  # duplicates covered
+    assert res["bytes"]["dense_grad"] == recorded[0]["dense_grad"]
+    assert res["bytes"]["dense_param"] == 2 * recorded[0]["dense_param"]  # gathered, not sent, buffer
+
+
+# ----------------------------------------------------------------------------- FlexMoE migration
+
+
+def test_flexmoe_migration_bytes_on_replan_iterations_only():
+    """4 ranks (1 per node), 2 experts, 1 slot each, re-plan every 2 iterations. Start: 2 + 2
+    replicas. Iteration 2 re-plans from [60, 20] -> 3 + 1: one rank fetches expert 0.
+    Iteration 4 re-plans from [20, 60] -> 1 + 3: two ranks fetch expert 1. Each fetch is
+    P_e x 14 bytes (bf16 weights + fp32 master + 2 Adam moments) over 1 GB/s."""
+    model = toy_model(num_experts=2, batch=4)
+    trace = Trace.from_tokens([[30, 10], [30, 10], [10, 30], [10, 30], [10, 30]])
+    res = run(trace, toy_cluster(4, 1), model, ["flexmoe-2"], capacity_factor=None)["flexmoe-2"]
+    moved = model.expert_params * 14
+    assert res["per_iteration"]["migration_bytes"] == [0, 0, moved, 0, 2 * moved]
+    # Two different ranks fetch in parallel at iteration 4: the stall is one expert's time.
+    assert res["per_iteration"]["migration_ms"] == pytest.approx([0, 0, moved / 1e6, 0, moved / 1e6])
+    assert res["replans"] == 2 and res["replan_slowdown"] > 1
+    assert res["migration_peak_gb"] == pytest.approx(moved / 1e9)
+
+
+def test_replan_min_moves_keeps_replicas_in_place():
+    old = torch.tensor([[0, 1], [0, 2], [1, 3], [2, 3]])
+    counts = torch.tensor([3, 1, 3, 1])
+    new = replan_min_moves(old, counts, torch.tensor([30.0, 5.0, 30.0, 5.0]))
+    assert torch.bincount(new.flatten(), minlength=4).tolist() == counts.tolist()
+    kept = sum(len(set(o.tolist()) & set(n.tolist())) for o, n in zip(old, new))
+    assert kept == 8 - 2  # exactly the two added replicas are new
+
+
+def test_swiftmoe_planning_overhead_counts_per_layer_and_microbatch():
+    model = toy_model(batch=4)  # 2 micro-batches per rank
+    res = run(Trace.from_tokens([[1, 1]] * 2), toy_cluster(), model, ["swiftmoe"], planning_s=0.001)
+    assert res["swiftmoe"]["parts_ms"]["planning"] == pytest.approx(1.0)
+    measured = simulate(Trace.from_tokens([[1, 1]]), toy_cluster(), model, ["swiftmoe"])["settings"]
+    assert measured["planning_measured"] and measured["planning_s_per_layer"] > 0
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def test_trace_loading(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.loads(line) for line in REAL_RECORDS.splitlines()[:2]]
+    stale = dict(lines[1], layers=[dict(l, tokens_per_expert=[0] * 8) for l in lines[1]["layers"]])
+    # A resumed run repeats iteration 2: the last record wins. Blank lines are ignored.
+    path.write_text("\n".join(json.dumps(r) for r in (lines[0], stale, lines[1])) + "\n\n")
+    trace = load_trace(path)
+    assert trace.tokens.shape == (2, 2, 8) and trace.iterations == (1, 2)
+    assert trace.tokens[1, 0].tolist() == lines[1]["layers"][0]["tokens_per_expert"]
+    assert trace.num_ranks == 2 and trace.strategy == "swiftmoe"
+    assert trace.iter_time_s == (lines[0]["iter_time_s"], lines[1]["iter_time_s"])
+
+
+def test_trace_loading_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(REAL_RECORDS.splitlines()[0] + "\nnot json\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not a JSON object"):
+        load_trace(bad)
+    other = tmp_path / "other.jsonl"
+    other.write_text('{"loss": 1.0}\n')
+    with pytest.raises(ValueError, match=r"other.jsonl:1: not a metrics record"):
+        load_trace(other)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty trace"):
+        load_trace(empty)
+    with pytest.raises(ValueError, match="no such trace file"):
+        load_trace(tmp_path / "missing.jsonl")
+
+
+def test_shape_mismatches_are_explained():
+    trace = Trace.from_tokens([[1500, 500]])
+    with pytest.raises(ValueError, match="--num-experts 2"):
+        simulate(trace, toy_cluster(), toy_model(num_experts=4, batch=2), ["static"])
+    with pytest.raises(ValueError, match="--global-batch-size 1024"):
+        simulate(trace, get_cluster("h100-256"), toy_model(batch=64).replace(micro_batch_size=4), ["static"])
+    with pytest.raises(ValueError, match="unknown strategy"):
+        simulate(trace, toy_cluster(), toy_model(), ["flexmoe"])
+
+
+def test_clusters(tmp_path):
+    paper = get_cluster("paper-a100-16")
+    assert (paper.num_nodes, paper.inter_bw, paper.flops(2)) == (16, 12.5e9, 312e12)
+    big = get_cluster("h100-1024")
+    assert (big.num_nodes, big.intra_bw, big.inter_bw, big.flops(2)) == (128, 450e9, 50e9, 989e12)
+    assert get_cluster("h100-2048").num_gpus == 2048
+    with pytest.raises(ValueError, match="multiple of 8"):
+        get_cluster("h100-12")
+    path = tmp_path / "mine.yaml"
+    path.write_text("num_gpus: 32\ngpus_per_node: 8\npeak_tflops: 312\nfp32_tflops: 19.5\nhbm_gb_s: 2039\n"
+                    "memory_gb: 80\npcie_gb_s: 32\nnic_gbit_s: 200\nnvlink_gb_s: 300\n")
+    mine = get_cluster(str(path))
+    assert (mine.name, mine.num_nodes, mine.intra_bw, mine.inter_bw) == ("mine", 4, 300e9, 25e9)
+    path.write_text("num_gpus: 32\ngpus: 8\n")
+    with pytest.raises(ValueError, match="unknown cluster keys"):
+        load_cluster(path)
+
+
+def test_model_configs():
+    small = load_model("gpt-small")
+    assert (small.num_experts, small.topk, small.slots_per_rank, small.param_bytes) == (16, 1, 4, 2)
+    assert small.expert_params == 2 * 768 * 3072
+    assert load_model("configs/gpt_small_moe.yaml", num_experts=8).num_experts == 8
+
+
+def test_calibrate_mfu_recovers_the_compute_rate():
+    model = toy_model()
+    measured = run(Trace.from_tokens([[1500, 500]]), toy_cluster(), model, ["static"], mfu=0.25)["static"]
+    trace = Trace.from_tokens([[1500, 500]], num_ranks=2, strategy="static",
+                              iter_time_s=(measured["time_ms"] / 1e3,))
+    assert calibrate_mfu(trace, toy_cluster(), model, planning_s=0.0) == pytest.approx(0.25)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_prints_every_strategy(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(REAL_RECORDS + "\n")
+    args = ["--trace", str(path), "--cluster", "paper-a100-16", "--config", "configs/tiny_cpu.yaml",
+            "--global-batch-size", "64", "--planning-ms", "0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    table = out.split("modelled time per iteration")[1]
+    for name in ("static", "deepspeed", "flexmoe-10", "flexmoe-50", "flexmoe-100", "swiftmoe"):
+        assert f"\n{name} " in table
+    assert "paper-a100-16" in out and "survival" in out
+
+    assert main(args + ["--json", "--strategies", "static,swiftmoe"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["strategies"]) == {"static", "swiftmoe"}
+    assert math.isclose(result["strategies"]["static"]["speedup_vs_static"], 1.0)
+
+    assert main(["--trace", str(path), "--cluster", "paper-a100-16"]) == 2  # gpt-small: 16 experts
+    assert "--num-experts 8" in capsys.readouterr().err
