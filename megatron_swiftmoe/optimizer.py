@@ -31,7 +31,6 @@ from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
 from megatron_swiftmoe.layer import SwiftMoELayer, master_dtype, plan_placement
 
 
-
 def _padded(numel: int, num_ranks: int) -> int:
     return -(-numel // num_ranks) * num_ranks
 
@@ -101,10 +100,18 @@ class _DenseShard:
             offset += tensor.numel()
         return flat
 
+    def _flat_grads(self) -> torch.Tensor:
+        return self._flatten([_grad(p) if _grad(p) is not None else torch.zeros_like(p) for p in self.params], self.dtype)
+
+    def _write_params(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for param in self.params:
+            param.copy_(flat[offset : offset + param.numel()].view_as(param))
+            offset += param.numel()
+
     def reduce_scatter_grads(self, num_ranks: int) -> int:
         """Sum gradients over ranks into ``master.grad`` (averaged). Returns bytes sent."""
-        grads = [_grad(p) if _grad(p) is not None else torch.zeros_like(p) for p in self.params]
-        flat = self._flatten(grads, self.dtype)
+        flat = self._flat_grads()
         shard = flat.new_empty(self.shard_numel)
         dist.reduce_scatter_tensor(shard, flat, group=self.group)
         self.master.grad = shard.div_(num_ranks)
@@ -113,14 +120,10 @@ class _DenseShard:
     @torch.no_grad()
     def all_gather_params(self) -> int:
         """Write the updated master shards into the model parameters. Returns bytes sent."""
-        dtype = self.params[0].dtype
-        shard = self.master.detach().to(dtype)
+        shard = self.master.detach().to(self.params[0].dtype)
         full = shard.new_empty(self.padded)
         dist.all_gather_into_tensor(full, shard, group=self.group)
-        offset = 0
-        for param in self.params:
-            param.copy_(full[offset : offset + param.numel()].view_as(param))
-            offset += param.numel()
+        self._write_params(full)
         return shard.numel() * shard.element_size()
 
 
@@ -139,16 +142,12 @@ class _LocalParams(_DenseShard):
         self.master = self._flatten([p.detach() for p in params], self.dtype).requires_grad_()
 
     def reduce_scatter_grads(self, num_ranks: int) -> int:
-        grads = [_grad(p) if _grad(p) is not None else torch.zeros_like(p) for p in self.params]
-        self.master.grad = self._flatten(grads, self.dtype).div_(num_ranks)
+        self.master.grad = self._flat_grads().div_(num_ranks)
         return 0
 
     @torch.no_grad()
     def all_gather_params(self) -> int:
-        offset = 0
-        for param in self.params:
-            param.copy_(self.master[offset : offset + param.numel()].view_as(param))
-            offset += param.numel()
+        self._write_params(self.master.detach())
         return 0
 
 

@@ -329,7 +329,7 @@ def _load_trace(metrics_path: Path, max_iters: Optional[int]):
 
 
 def simulate_run(metrics_path: Path, strategy: str, cluster_name: str, sim_config: str | Path = DEFAULT_SIM_CONFIG,
-                 mfu: float = 0.4, max_iters: Optional[int] = None) -> dict:
+                 mfu: float = 0.4, max_iters: Optional[int] = None, planning_ms: Optional[float] = None) -> dict:
     """Simulated time per iteration of ``strategy`` replaying ``metrics_path``'s routing on a
     cluster. Returns ``{time_ms, parts_ms, load_imbalance, survival, cluster, note}``."""
     from megatron_swiftmoe.sim import simulate
@@ -338,16 +338,28 @@ def simulate_run(metrics_path: Path, strategy: str, cluster_name: str, sim_confi
     cluster, model, note = sim_model(sim_config, cluster_name)
     trace = _load_trace(Path(metrics_path), max_iters)
     result = simulate(trace, cluster, model, [sim_name], mfu=mfu, capacity_factor=CAPACITY_FACTOR,
-                      swiftmoe_capacity_factor=swift_cf)
+                      swiftmoe_capacity_factor=swift_cf, **_planning(planning_ms))
     row = result["strategies"][sim_name]
+    settings = result.get("settings", {})
+    if sim_name.startswith(("swiftmoe", "flexmoe")) and "planning_s_per_layer" in settings:
+        how = "measured on this CPU" if settings.get("planning_measured") else "given"
+        note = "; ".join(x for x in [note, (
+            f"simulated SwiftMoE planning ({how}): {1e3 * settings['planning_s_per_layer']:.2f} ms per MoE layer and "
+            f"iteration + {1e3 * settings.get('rank_plan_s_per_layer_microbatch', 0.0):.2f} ms per layer and "
+            "micro-batch")] if x)
     return dict(time_ms=row["time_ms"], parts_ms=row["parts_ms"], load_imbalance=row["load_imbalance"],
                 survival=row["survival"], replan_slowdown=row.get("replan_slowdown"), cluster=cluster.name,
                 model=model.summary() if hasattr(model, "summary") else str(model.name), note=note,
                 notes=result.get("notes", []), iterations=trace.num_iterations)
 
 
+def _planning(planning_ms: Optional[float]) -> dict:
+    return {} if planning_ms is None else {"planning_s": planning_ms / 1e3}
+
+
 def simulate_common(metrics_path: Path, cluster_name: str, sim_config: str | Path = DEFAULT_SIM_CONFIG,
-                    mfu: float = 0.4, max_iters: Optional[int] = None) -> dict[str, dict]:
+                    mfu: float = 0.4, max_iters: Optional[int] = None,
+                    planning_ms: Optional[float] = None) -> dict[str, dict]:
     """Every simulator strategy on ONE routing trace (a dropless run's): per-iteration time
     without the differences between the runs' own routings."""
     from megatron_swiftmoe.sim import simulate
@@ -360,11 +372,11 @@ def simulate_common(metrics_path: Path, cluster_name: str, sim_config: str | Pat
         sim_name, swift_cf = SIM_STRATEGY[strategy]
         if swift_cf is not None:
             res = simulate(trace, cluster, model, [sim_name], mfu=mfu, capacity_factor=CAPACITY_FACTOR,
-                           swiftmoe_capacity_factor=swift_cf)
+                           swiftmoe_capacity_factor=swift_cf, **_planning(planning_ms))
         else:
             if "_all" not in out:
                 out["_all"] = simulate(trace, cluster, model, names, mfu=mfu, capacity_factor=CAPACITY_FACTOR,
-                                       swiftmoe_capacity_factor=None)
+                                       swiftmoe_capacity_factor=None, **_planning(planning_ms))
             res = out["_all"]
         row = res["strategies"][sim_name]
         out[strategy] = dict(time_ms=row["time_ms"], survival=row["survival"], load_imbalance=row["load_imbalance"])
@@ -452,8 +464,9 @@ def build_table(
             try:
                 sim = simulate(run.metrics_path, name, cluster)
                 cell["ms_per_iter"] = float(sim["time_ms"])
-                if sim.get("note") and sim["note"] not in notes:
-                    notes.append(sim["note"])
+                for note in (sim.get("note") or "").split("; "):
+                    if note and note not in notes:
+                        notes.append(note)
             except Exception as error:  # noqa: BLE001 -- a simulator problem must not lose the table
                 cell["error"] = f"{type(error).__name__}: {error}"
                 note = f"simulation of {name} on {cluster} failed: {cell['error']}"
@@ -823,6 +836,15 @@ def run_strategy(args: argparse.Namespace, strategy: str, run_dir: Path, index: 
     return run
 
 
+def sim_settings(args: argparse.Namespace) -> str:
+    return (f"megatron_swiftmoe.sim, model {Path(args.sim_config).name}, clusters {PAPER_CLUSTER} and "
+            f"{args.h100_cluster}, MFU {args.mfu:g}, capacity factor {CAPACITY_FACTOR:g} (deepspeed, flexmoe-K, "
+            "swiftmoe)"
+            + (f", planning {args.planning_ms:g} ms/layer/iteration" if args.planning_ms is not None else
+               ", SwiftMoE planning time measured on this CPU")
+            + (f", first {args.sim_iters} iterations of each trace" if args.sim_iters else ", whole trace"))
+
+
 def settings_of(args: argparse.Namespace) -> dict:
     n, s, e = args.ranks, args.slots_per_rank, args.num_experts
     return {
@@ -840,9 +862,7 @@ def settings_of(args: argparse.Namespace) -> dict:
         "ranks": f"{n} CPU ranks (torchrun --standalone, gloo), {args.threads_per_rank} thread(s) each",
         "slots": f"S = {s} slots per rank for SwiftMoE/FlexMoE: N*S = {n * s} = {n * s / e:g} E (paper: 16 x 4 = 64 = 4 E)",
         "capacity factor": f"{CAPACITY_FACTOR:g} for deepspeed, flexmoe-K, swiftmoe; none for megatron and swiftmoe-dropless",
-        "simulator": f"megatron_swiftmoe.sim, model {Path(args.sim_config).name}, clusters {PAPER_CLUSTER} and "
-                     f"{args.h100_cluster}, MFU {args.mfu:g}"
-                     + (f", first {args.sim_iters} iterations of each trace" if args.sim_iters else ", whole trace"),
+        "simulator": sim_settings(args),
         "extra training flags": args.extra_args or "none",
     }
 
@@ -887,6 +907,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mfu", type=float, default=0.4, help="simulator's achieved fraction of peak FLOP/s")
     g.add_argument("--sim-iters", type=int, default=None,
                    help="simulate only the first N iterations of each trace (long traces; default all)")
+    g.add_argument("--planning-ms", type=float, default=None,
+                   help="SwiftMoE planning ms per MoE layer and iteration for the simulator (default: measured "
+                        "on this CPU by the simulator, which a loaded machine inflates)")
     g.add_argument("--no-sim", action="store_true", help="skip the simulator (CPU columns only)")
     return p
 
@@ -924,10 +947,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"training took {(time.time() - started) / 60:.1f} min", flush=True)
 
     clusters = [] if args.no_sim else [PAPER_CLUSTER, args.h100_cluster]
+    settings["simulator"] = "not run (--no-sim)" if args.no_sim else sim_settings(args)
+    settings["table"] = (f"{args.smooth_window}-iteration trailing moving average; target "
+                         + (f"{args.target:g} (given)" if args.target is not None else
+                            f"chosen from the runs, step {args.target_step:g}")
+                         + f"; measured s/iter = median after {args.warmup_iters} iterations")
     sim_start = time.time()
 
     def sim(path: Path, strategy: str, cluster: str) -> dict:
-        return simulate_run(path, strategy, cluster, args.sim_config, args.mfu, args.sim_iters)
+        return simulate_run(path, strategy, cluster, args.sim_config, args.mfu, args.sim_iters, args.planning_ms)
 
     table = build_table(runs, smooth_window=args.smooth_window, target=args.target, target_step=args.target_step,
                         warmup=args.warmup_iters, clusters=clusters, simulate=sim)
@@ -936,7 +964,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if clusters and base is not None:
         try:
             common = dict(trace=f"runs/{base.name}/metrics.jsonl", clusters={
-                c: simulate_common(base.metrics_path, c, args.sim_config, args.mfu, args.sim_iters) for c in clusters})
+                c: simulate_common(base.metrics_path, c, args.sim_config, args.mfu, args.sim_iters, args.planning_ms)
+                for c in clusters})
         except Exception as error:  # noqa: BLE001
             table.notes.append(f"common-trace simulation failed: {type(error).__name__}: {error}")
     if clusters:
