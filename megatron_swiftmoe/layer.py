@@ -187,8 +187,8 @@ class SwiftMoELayer(MoELayer):
             raise ValueError(
                 f"expert weights must have shapes {expected}, got {tuple(fc1.shape)} and {tuple(fc2.shape)}"
             )
-        dtype = master_dtype(self.config.params_dtype)
-        self.initial_expert_weights = self.experts.flat_slots(fc1.to(dtype), fc2.to(dtype))
+        where = dict(dtype=master_dtype(self.config.params_dtype), device=self.experts.fc1.device)
+        self.initial_expert_weights = self.experts.flat_slots(fc1.to(**where), fc2.to(**where))
         self.experts.load_flat(self.initial_expert_weights[self.slot_experts])
 
     def set_placement(self, placement: torch.Tensor) -> None:
