@@ -215,3 +215,18 @@ def test_simulator_on_a_synthetic_trace(rp, tmp_path):
     assert results["deepspeed"]["survival"] < 1.0 <= results["swiftmoe-dropless"]["survival"] + 1e-9
     big = rp.simulate_run(path, "swiftmoe", "h100-64")  # batch 64 < 64 GPUs x micro-batch 4: raised
     assert "raised" in big["note"]
+
+
+def test_strategy_flags(rp):
+    assert rp.strategy_flags("megatron") == ["--no-swiftmoe"]
+    assert rp.strategy_flags("deepspeed") == ["--no-swiftmoe", "--moe-expert-capacity-factor", "1.0"]
+    assert rp.strategy_flags("swiftmoe-dropless") == ["--swiftmoe"]
+    assert rp.strategy_flags("flexmoe-7") == [
+        "--swiftmoe", "--swiftmoe-replan-interval", "7", "--moe-expert-capacity-factor", "1.0"]
+    assert rp.sim_strategy("swiftmoe") == ("swiftmoe", 1.0)
+    assert rp.sim_strategy("swiftmoe-dropless") == ("swiftmoe", None)
+    assert rp.sim_strategy("megatron") == ("static", None)
+    assert rp.sim_strategy("flexmoe-7") == ("flexmoe-7", None)
+    for bad in ("flexmoe-0", "flexmoe-x", "tutel"):
+        with pytest.raises(ValueError):
+            rp.strategy_flags(bad)
