@@ -407,8 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("data")
     g.add_argument(
         "--data-path", nargs="*", default=None,
-        help="Megatron indexed dataset prefix(es), optionally weighted: 'prefix' or "
-        "'w1 prefix1 w2 prefix2 ...'. Default: the built-in text corpus.",
+        help="Megatron indexed dataset prefix (PREFIX.bin/.idx from preprocess_data); blends of "
+        "several prefixes are not supported yet. Default: the built-in text corpus.",
     )
     g.add_argument("--mock-data", action=argparse.BooleanOptionalAction, default=False,
                    help="Train on synthetic token ids instead of real data (NullTokenizer).")
@@ -927,6 +927,11 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     # Data.
     if args.data_path is not None and len(args.data_path) == 0:
         fail("--data-path needs at least one dataset prefix")
+    if args.data_path and len(args.data_path) > 1:
+        fail(
+            f"--data-path: dataset blends ({' '.join(args.data_path)}) are not supported yet; give one "
+            "prefix (merge the inputs with python -m megatron_swiftmoe.preprocess_data --input A B ...)"
+        )
     if args.data_path and args.mock_data:
         fail("--data-path and --mock-data are mutually exclusive: give one")
     try:

@@ -65,8 +65,6 @@ def build_data(args: argparse.Namespace):
     if args.mock_data:
         return data.build_mock_datasets(args.vocab_size, args.seq_length, samples, args.seed)
     if args.data_path:
-        if len(args.data_path) != 1:
-            raise SystemExit("--data-path: dataset blends are not supported yet; give one prefix")
         prefix, tokenizer_model = args.data_path[0], args.tokenizer_model
     else:
         log0("> no --data-path: using the built-in corpus (Python standard library sources)")

@@ -288,6 +288,7 @@ def test_required_flags(capsys):
         (["--moe-expert-capacity-factor", "1.0", "--moe-pad-expert-input-to-capacity"], 2,
          "--moe-pad-expert-input-to-capacity is not supported with --swiftmoe"),
         (["--swiftmoe-replan-interval", "0"], 2, "--swiftmoe-replan-interval must be >= 1"),
+        (["--data-path", "a", "b"], 2, "--data-path: dataset blends (a b) are not supported yet"),
         (["--add-bias-linear"], 2, "--add-bias-linear is not supported with --swiftmoe"),
         (["--no-swiftmoe"], 3, "--num-experts (4) must be divisible by the world size (3) without --swiftmoe"),
         (["--no-swiftmoe", "--moe-token-dispatcher-type", "alltoall"], 2, "--moe-token-dispatcher-type alltoall needs CUDA"),
