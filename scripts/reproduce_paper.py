@@ -355,7 +355,8 @@ def _load_trace(metrics_path: Path, max_iters: Optional[int]):
 
 
 def simulate_run(metrics_path: Path, strategy: str, cluster_name: str, sim_config: str | Path = DEFAULT_SIM_CONFIG,
-                 mfu: float = 0.4, max_iters: Optional[int] = None, planning_ms: Optional[float] = None) -> dict:
+                 mfu: float = 0.4, max_iters: Optional[int] = None, planning_ms: Optional[float] = None,
+                 static_ep: Optional[int] = None) -> dict:
     """Simulated time per iteration of ``strategy`` replaying ``metrics_path``'s routing on a
     cluster. Returns ``{time_ms, parts_ms, load_imbalance, survival, cluster, note}``."""
     from megatron_swiftmoe.sim import simulate
@@ -364,7 +365,7 @@ def simulate_run(metrics_path: Path, strategy: str, cluster_name: str, sim_confi
     cluster, model, note = sim_model(sim_config, cluster_name)
     trace = _load_trace(Path(metrics_path), max_iters)
     result = simulate(trace, cluster, model, [sim_name], mfu=mfu, capacity_factor=CAPACITY_FACTOR,
-                      swiftmoe_capacity_factor=swift_cf, **_planning(planning_ms))
+                      swiftmoe_capacity_factor=swift_cf, **_sim_kwargs(planning_ms, static_ep))
     row = result["strategies"][sim_name]
     settings = result.get("settings", {})
     if sim_name.startswith(("swiftmoe", "flexmoe")) and "planning_s_per_layer" in settings:
@@ -379,13 +380,14 @@ def simulate_run(metrics_path: Path, strategy: str, cluster_name: str, sim_confi
                 notes=result.get("notes", []), iterations=trace.num_iterations)
 
 
-def _planning(planning_ms: Optional[float]) -> dict:
-    return {} if planning_ms is None else {"planning_s": planning_ms / 1e3}
+def _sim_kwargs(planning_ms: Optional[float], static_ep: Optional[int] = None) -> dict:
+    return {"static_ep": static_ep, **({} if planning_ms is None else {"planning_s": planning_ms / 1e3})}
 
 
 def simulate_common(metrics_path: Path, cluster_name: str, sim_config: str | Path = DEFAULT_SIM_CONFIG,
                     mfu: float = 0.4, max_iters: Optional[int] = None,
-                    planning_ms: Optional[float] = None, strategies: Optional[Sequence[str]] = None) -> dict[str, dict]:
+                    planning_ms: Optional[float] = None, strategies: Optional[Sequence[str]] = None,
+                    static_ep: Optional[int] = None) -> dict[str, dict]:
     """Every simulator strategy on ONE routing trace (a dropless run's): per-iteration time
     without the differences between the runs' own routings."""
     from megatron_swiftmoe.sim import simulate
@@ -399,11 +401,11 @@ def simulate_common(metrics_path: Path, cluster_name: str, sim_config: str | Pat
         sim_name, swift_cf = sim_strategy(strategy)
         if swift_cf is not None:
             res = simulate(trace, cluster, model, [sim_name], mfu=mfu, capacity_factor=CAPACITY_FACTOR,
-                           swiftmoe_capacity_factor=swift_cf, **_planning(planning_ms))
+                           swiftmoe_capacity_factor=swift_cf, **_sim_kwargs(planning_ms, static_ep))
         else:
             if "_all" not in out:
                 out["_all"] = simulate(trace, cluster, model, names, mfu=mfu, capacity_factor=CAPACITY_FACTOR,
-                                       swiftmoe_capacity_factor=None, **_planning(planning_ms))
+                                       swiftmoe_capacity_factor=None, **_sim_kwargs(planning_ms, static_ep))
             res = out["_all"]
         row = res["strategies"][sim_name]
         out[strategy] = dict(time_ms=row["time_ms"], survival=row["survival"], load_imbalance=row["load_imbalance"])
@@ -925,7 +927,10 @@ def sim_settings(args: argparse.Namespace) -> str:
             "swiftmoe)"
             + (f", planning {args.planning_ms:g} ms/layer/iteration" if args.planning_ms is not None else
                ", SwiftMoE planning time measured on this CPU")
-            + (f", first {args.sim_iters} iterations of each trace" if args.sim_iters else ", whole trace"))
+            + (f", first {args.sim_iters} iterations of each trace" if args.sim_iters else ", whole trace")
+            + (f", static/deepspeed with EP {args.static_ep} (N*S/E synchronised copies of each expert: the "
+               "same experts per GPU as SwiftMoE's slots)" if args.static_ep else
+               ", static/deepspeed with EP = gcd(E, N) (one copy of each expert when N divides E)"))
 
 
 def settings_of(args: argparse.Namespace) -> dict:
@@ -994,6 +999,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--planning-ms", type=float, default=None,
                    help="SwiftMoE planning ms per MoE layer and iteration for the simulator (default: measured "
                         "on this CPU by the simulator, which a loaded machine inflates)")
+    g.add_argument("--static-ep", type=int, default=None,
+                   help="expert-parallel degree of static/deepspeed in the simulator (default gcd(E, N)); "
+                        "E / S gives them SwiftMoE's memory layout (the paper's byte identity)")
     g.add_argument("--no-sim", action="store_true", help="skip the simulator (CPU columns only)")
     return p
 
@@ -1040,7 +1048,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sim_start = time.time()
 
     def sim(path: Path, strategy: str, cluster: str) -> dict:
-        return simulate_run(path, strategy, cluster, args.sim_config, args.mfu, args.sim_iters, args.planning_ms)
+        return simulate_run(path, strategy, cluster, args.sim_config, args.mfu, args.sim_iters, args.planning_ms,
+                            args.static_ep)
 
     table = build_table(runs, smooth_window=args.smooth_window, target=args.target, target_step=args.target_step,
                         warmup=args.warmup_iters, clusters=clusters, simulate=sim)
@@ -1050,7 +1059,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             common = dict(trace=f"runs/{base.name}/metrics.jsonl", clusters={
                 c: simulate_common(base.metrics_path, c, args.sim_config, args.mfu, args.sim_iters, args.planning_ms,
-                                   strategies)
+                                   strategies, args.static_ep)
                 for c in clusters})
         except Exception as error:  # noqa: BLE001
             table.notes.append(f"common-trace simulation failed: {type(error).__name__}: {error}")

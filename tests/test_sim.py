@@ -136,6 +136,22 @@ def test_identity_swiftmoe_moves_static_bytes(num_ranks, num_experts):
         assert res["swiftmoe"]["per_iteration"][kind] == [size] * 5
 
 
+def test_identity_with_equal_memory_static_layout():
+    """static_ep = E / S gives static placement SwiftMoE's S experts per rank (D = N S / E copies):
+    both then move S*N*G gradient and S*N*W parameter bytes, also when N <= E."""
+    num_ranks, num_experts, slots = 4, 4, 2
+    tokens = [[40, 30, 20, 10], [10, 40, 30, 20], [25, 25, 25, 25]]  # no expert needs > N replicas
+    model = toy_model(num_experts=num_experts, slots=slots, batch=num_ranks)
+    cluster = toy_cluster(num_ranks, 2, nvlink_gb_s=4.0)
+    res = run(Trace.from_tokens(tokens), cluster, model, ["static", "swiftmoe"], static_ep=num_experts // slots)
+    g, w = model.expert_params * 4, model.expert_params * 2
+    for kind, size in (("expert_grad_bytes", slots * num_ranks * g), ("expert_param_bytes", slots * num_ranks * w)):
+        assert res["static"]["per_iteration"][kind] == [size] * 3
+        assert res["swiftmoe"]["per_iteration"][kind] == [size] * 3
+    with pytest.raises(ValueError, match="static-ep"):
+        run(Trace.from_tokens(tokens), cluster, model, ["static"], static_ep=3)
+
+
 def test_identity_needs_distinct_replicas():
     """With 2 slots per rank a 3-replica expert on 2 ranks shares a rank: its replicas' grads
     are summed locally first, so SwiftMoE moves less than S*N*G."""

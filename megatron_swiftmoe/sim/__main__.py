@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="capacity factor for SwiftMoE (default: dropless)")
     p.add_argument("--planning-ms", type=float, default=None,
                    help="SwiftMoE planning ms per MoE layer and iteration (default: measured on this CPU)")
+    p.add_argument("--static-ep", type=int, default=None,
+                   help="expert-parallel degree of static/deepspeed (default gcd(E, N)); E / S gives them "
+                        "the same experts per GPU as SwiftMoE's S slots, with D = N S / E synchronised copies")
     p.add_argument("--json", action="store_true", help="print the full results as JSON")
     return p
 
@@ -64,7 +67,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             slots_per_rank=args.slots_per_rank,
         )
         kwargs = dict(capacity_factor=args.capacity_factor, swiftmoe_capacity_factor=args.swiftmoe_capacity_factor,
-                      planning_s=None if args.planning_ms is None else args.planning_ms / 1e3)
+                      planning_s=None if args.planning_ms is None else args.planning_ms / 1e3,
+                      static_ep=args.static_ep)
         mfu = calibrate_mfu(trace, cluster, model, **kwargs) if args.calibrate else args.mfu
         result = simulate(trace, cluster, model, strategies, mfu=mfu, **kwargs)
     except ValueError as error:

@@ -127,6 +127,7 @@ class _Ctx:
     model: ModelShape
     mfu: float
     planning: tuple[float, float] = (0.0, 0.0)  # seconds per layer: per iteration, per micro-batch
+    static_ep: Optional[int] = None  # EP degree of static/deepspeed; None: gcd(E, N)
     n: int = field(init=False)  # ranks
     node: torch.Tensor = field(init=False)  # [N] node of each rank
     micro_batches: int = field(init=False)  # M, per rank and iteration
@@ -234,14 +235,19 @@ def _ring_s(ctx: _Ctx, ranks: int, nodes: int, wire_per_rank: float, allreduce: 
 
 
 def _static_layout(ctx: _Ctx) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """Megatron static EP: EP = gcd(E, N) (the largest degree dividing both), expert data
-    parallelism D = N / EP. Rank r hosts experts [(r % EP) * E/EP, ...); its EP group (the
+    """Megatron static EP: EP = gcd(E, N) (the largest degree dividing both) unless set, expert
+    data parallelism D = N / EP. Rank r hosts experts [(r % EP) * E/EP, ...); its EP group (the
     ranks its tokens go to) is r // EP. Returns (EP, D, host [N, E] bool, group [N])."""
     e, n = ctx.model.num_experts, ctx.n
-    ep = math.gcd(e, n)
+    ep = ep_degree(ctx)
     r = torch.arange(n)
     host = (r % ep)[:, None] == (torch.arange(e) // (e // ep))[None, :]
     return ep, n // ep, host, r // ep
+
+
+def ep_degree(ctx: _Ctx) -> int:
+    """The expert-parallel degree static placement uses in this simulation."""
+    return ctx.static_ep or math.gcd(ctx.model.num_experts, ctx.n)
 
 
 def _static_sync(ctx: _Ctx, ep: int, d: int) -> tuple[float, float, float, dict]:
@@ -458,6 +464,7 @@ def simulate(
     capacity_factor: float = 1.0,
     swiftmoe_capacity_factor: Optional[float] = None,
     planning_s: Optional[float] = None,
+    static_ep: Optional[int] = None,
 ) -> dict:
     """Model every strategy's iteration time on ``cluster`` for ``model`` and ``trace``'s routing.
 
@@ -467,6 +474,10 @@ def simulate(
         swiftmoe_capacity_factor: None (dropless, our default) or a capacity factor for SwiftMoE.
         planning_s: SwiftMoE planning seconds per MoE layer and iteration; None: measure
             ``replica_counts + place`` and ``rank_plan`` on this CPU for the cluster's layout.
+        static_ep: expert-parallel degree of static / deepspeed (must divide E and N); None:
+            gcd(E, N). ``E / S`` gives static placement the same S experts per rank as SwiftMoE's
+            slots (D = N S / E copies of each expert, synchronised every iteration): the
+            equal-memory layout the paper's byte identity compares with.
 
     Returns a JSON-serialisable dict: ``cluster``, ``model``, ``trace``, ``settings``, ``notes``
     and ``strategies``: per strategy ``time_ms`` (mean per iteration), ``parts_ms``, ``bytes``
@@ -479,7 +490,7 @@ def simulate(
     """
     with _single_thread():
         return _simulate(trace, cluster, model, list(strategies), mfu, capacity_factor,
-                         swiftmoe_capacity_factor, planning_s)
+                         swiftmoe_capacity_factor, planning_s, static_ep)
 
 
 def _run_strategy(ctx: _Ctx, kind: str, every: int, raw: torch.Tensor, scaled: torch.Tensor,
@@ -571,12 +582,15 @@ def _run_strategy(ctx: _Ctx, kind: str, every: int, raw: torch.Tensor, scaled: t
 
 def _simulate(trace: Trace, cluster: Cluster, model: ModelShape, strategies: list[str], mfu: float,
               capacity_factor: Optional[float], swiftmoe_capacity_factor: Optional[float],
-              planning_s: Optional[float]) -> dict:
+              planning_s: Optional[float], static_ep: Optional[int] = None) -> dict:
     kinds = {name: check_strategy(name) for name in strategies}
     _validate(trace, cluster, model)
     if not 0 < mfu <= 1:
         raise ValueError(f"mfu must be in (0, 1], got {mfu}")
-    ctx = _Ctx(cluster, model, mfu)
+    if static_ep is not None and (static_ep < 1 or model.num_experts % static_ep or cluster.num_gpus % static_ep):
+        raise ValueError(f"--static-ep ({static_ep}) must divide the number of experts ({model.num_experts}) "
+                         f"and of GPUs ({cluster.num_gpus})")
+    ctx = _Ctx(cluster, model, mfu, static_ep=static_ep)
     if planning_s is None:
         plan, split = measure_planning(ctx.n, model.num_experts, model.slots_per_rank)
         ctx.planning = (plan, split)
@@ -611,6 +625,7 @@ def _simulate(trace: Trace, cluster: Cluster, model: ModelShape, strategies: lis
         trace=dict(path=trace.path, iterations=iters, layers=trace.num_layers, experts=trace.num_experts,
                    recorded_ranks=trace.num_ranks, recorded_strategy=trace.strategy),
         settings=dict(mfu=mfu, capacity_factor=capacity_factor, swiftmoe_capacity_factor=swiftmoe_capacity_factor,
+                      static_ep=ep_degree(ctx),
                       planning_s_per_layer=ctx.planning[0], rank_plan_s_per_layer_microbatch=ctx.planning[1],
                       planning_measured=planning_s is None, micro_batches_per_rank=ctx.micro_batches),
         notes=notes,
