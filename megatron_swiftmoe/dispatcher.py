@@ -49,7 +49,7 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         self.rank = dist.get_rank(self.group)
         self.slots_per_rank = layer.slots_per_rank
         self.last_routed_pairs = 0  # pairs this rank routed and kept in the last forward
-        self.last_tokens_per_slot: torch.Tensor | None = None
+        self.last_tokens_per_slot: torch.Tensor | None = None  # [S] pairs each local slot computes
         self.last_dropped_per_expert: torch.Tensor | None = None
 
     def dispatch_preprocess(self, tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
@@ -95,16 +95,15 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         local_slots = torch.arange(self.slots_per_rank, device=recv.device).repeat(self.num_ranks)
         arrival_slot = repeat(local_slots, recv.T.flatten())
         self.slot_major = torch.argsort(arrival_slot, stable=True)
-        self.tokens_per_slot = recv.sum(1)
         self.last_routed_pairs = int(kept.sum())
-        self.last_tokens_per_slot = self.tokens_per_slot
+        self.last_tokens_per_slot = recv.sum(1)
         return hidden[self.pair_token], None
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs):
         return all_to_all(self.group, hidden_states, self.recv_splits, self.send_splits), probs
 
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs):
-        return hidden_states[self.slot_major], self.tokens_per_slot, None
+        return hidden_states[self.slot_major], self.last_tokens_per_slot, None
 
     def combine_preprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states[_inverse_permutation(self.slot_major)]

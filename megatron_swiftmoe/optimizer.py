@@ -188,9 +188,10 @@ class _ExpertShards:
         ]
         slot_flat = experts.flat_slots(*slot_grads)  # [S, P]
         distinct = self._distinct(self.layer.placement)
-        local_experts, inverse = torch.unique(self.layer.slot_experts, return_inverse=True)
+        local_experts = distinct[self.layer.rank]
         summed = slot_flat.new_zeros(local_experts.numel(), self.padded)
-        summed[:, : self.expert_numel].index_add_(0, inverse, slot_flat)
+        slot_rows = torch.searchsorted(local_experts, self.layer.slot_experts)  # as in scatter_params
+        summed[:, : self.expert_numel].index_add_(0, slot_rows, slot_flat)
         # [U, N, shard] -> [N, U, shard]: destination-major for the all-to-all.
         send = summed.view(-1, self.num_ranks, self.shard_numel).transpose(0, 1).contiguous()
         recv_rows = [d.numel() * self.shard_numel for d in distinct]
