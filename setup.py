@@ -32,8 +32,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "pretrain_gpt=megatron_swiftmoe.pretrain_gpt:main",
-            "swiftmoe-preprocess-data=megatron_swiftmoe.preprocess_data:main",
+            "pretrain_gpt=megatron_swiftmoe.training.pretrain_gpt:main",
+            "swiftmoe-preprocess-data=megatron_swiftmoe.training.preprocess_data:main",
         ]
     },
 )

@@ -119,8 +119,8 @@ def build_layers(args, device):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.spec_utils import build_module
 
-    from megatron_swiftmoe.config import SwiftMoEConfig
-    from megatron_swiftmoe.layer import SwiftMoELayer
+    from megatron_swiftmoe.core.config import SwiftMoEConfig
+    from megatron_swiftmoe.core.layer import SwiftMoELayer
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     config = TransformerConfig(
@@ -241,8 +241,8 @@ def gather(value) -> list:
 
 
 def run_scenario(args, scenario: str, stock, swift, rec_stock, rec_swift, directions, device, dtype) -> dict:
-    from megatron_swiftmoe.layer import plan_placement
-    from megatron_swiftmoe.placement import rank_loads
+    from megatron_swiftmoe.core.layer import plan_placement
+    from megatron_swiftmoe.core.placement import rank_loads
 
     rank = dist.get_rank()
     x = make_input(args, scenario, rank, directions, dtype).requires_grad_()
@@ -384,7 +384,7 @@ def print_summary(results: list[dict], show_cpu: bool) -> None:
 def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     from megatron.core import parallel_state
 
-    from megatron_swiftmoe import compat
+    from megatron_swiftmoe.core import compat
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(args.threads)

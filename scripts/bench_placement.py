@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_swiftmoe.placement import (  # noqa: E402
+from megatron_swiftmoe.core.placement import (  # noqa: E402
     check_layout,
     place,
     place_contiguous,

@@ -3,7 +3,7 @@
     python scripts/plot_run.py runs/quickstart/metrics.jsonl --out runs/quickstart/swiftmoe.png
 
 Reads the JSONL written by ``megatron_swiftmoe.pretrain_gpt`` (keys documented in
-``megatron_swiftmoe/monitor.py``) and writes one PNG with, for one MoE layer:
+``megatron_swiftmoe/training/monitor.py``) and writes one PNG with, for one MoE layer:
   1. each expert's share of routed pairs per iteration (heat map),
   2. each expert's share of the replica slots per iteration (heat map; SwiftMoE follows 1.
      one iteration late, because the next placement is planned from this iteration's routing),

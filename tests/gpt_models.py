@@ -8,9 +8,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 
-from megatron_swiftmoe import compat
-from megatron_swiftmoe.config import SwiftMoEConfig
-from megatron_swiftmoe.layer import SwiftMoELayer, swiftmoe_spec
+from megatron_swiftmoe.core import compat
+from megatron_swiftmoe.core.config import SwiftMoEConfig
+from megatron_swiftmoe.core.layer import SwiftMoELayer, swiftmoe_spec
 
 VOCAB = 64
 SEQ = 8

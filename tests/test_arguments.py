@@ -1,4 +1,4 @@
-"""Tests for megatron_swiftmoe.arguments: flags, YAML configs, derived defaults, validation."""
+"""Tests for megatron_swiftmoe.training.arguments: flags, YAML configs, derived defaults, validation."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_swiftmoe import arguments as A
-from megatron_swiftmoe.config import SwiftMoEConfig
+from megatron_swiftmoe.training import arguments as A
+from megatron_swiftmoe.core.config import SwiftMoEConfig
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -463,7 +463,7 @@ def test_shipped_configs(name, world_size, swiftmoe):
     assert config.expert_model_parallel_size == (1 if swiftmoe else world_size)
     swift = A.swiftmoe_config_from_args(args)
     if swiftmoe:
-        from megatron_swiftmoe.layer import _check_supported
+        from megatron_swiftmoe.core.layer import _check_supported
 
         _check_supported(config, world_size, swift)
         assert world_size * swift.slots_per_rank > args.num_experts  # spare slots to replicate into

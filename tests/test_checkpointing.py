@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_swiftmoe.checkpointing import (
+from megatron_swiftmoe.training.checkpointing import (
     MUST_MATCH,
     TRACKER,
     CheckpointError,

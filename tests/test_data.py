@@ -22,8 +22,8 @@ import torch.distributed as dist
 
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.tokenizers import MegatronTokenizerBase
-from megatron_swiftmoe import preprocess_data
-from megatron_swiftmoe.data import (
+from megatron_swiftmoe.training import preprocess_data
+from megatron_swiftmoe.training.data import (
     SentencePieceTokenizer,
     build_gpt_datasets,
     build_mock_datasets,
@@ -341,7 +341,7 @@ def test_prepare_default_data_with_injected_corpus(tmp_path, capsys):
 _CONCURRENT_CHILD = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from megatron_swiftmoe.data import prepare_default_data
+    from megatron_swiftmoe.training.data import prepare_default_data
     cache, files, go = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
     while not go.exists():
         time.sleep(0.01)

@@ -24,8 +24,8 @@ import torch.distributed as dist
 
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-from megatron_swiftmoe.config import SwiftMoEConfig
-from megatron_swiftmoe.optimizer import SwiftMoEOptimizer
+from megatron_swiftmoe.core.config import SwiftMoEConfig
+from megatron_swiftmoe.core.optimizer import SwiftMoEOptimizer
 from tests import gpt_models as gm
 from tests.distributed import run_distributed
 

@@ -7,9 +7,9 @@ import torch
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-from megatron_swiftmoe.config import SwiftMoEConfig
-from megatron_swiftmoe.experts import SlotExperts
-from megatron_swiftmoe.layer import SwiftMoELayer, swiftmoe_spec
+from megatron_swiftmoe.core.config import SwiftMoEConfig
+from megatron_swiftmoe.core.experts import SlotExperts
+from megatron_swiftmoe.core.layer import SwiftMoELayer, swiftmoe_spec
 from tests import gpt_models as gm
 from tests.distributed import run_distributed
 

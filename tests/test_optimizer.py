@@ -10,10 +10,10 @@ import torch.distributed as dist
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
-import megatron_swiftmoe.optimizer as optimizer_module
-from megatron_swiftmoe.config import SwiftMoEConfig
-from megatron_swiftmoe.layer import plan_placement
-from megatron_swiftmoe.optimizer import DynamicLossScaler, SwiftMoEOptimizer
+import megatron_swiftmoe.core.optimizer as optimizer_module
+from megatron_swiftmoe.core.config import SwiftMoEConfig
+from megatron_swiftmoe.core.layer import plan_placement
+from megatron_swiftmoe.core.optimizer import DynamicLossScaler, SwiftMoEOptimizer
 from tests import gpt_models as gm
 from tests.distributed import run_distributed
 

@@ -1,4 +1,4 @@
-"""Tests for megatron_swiftmoe.placement (replica counts, placement, split plans, capacity)."""
+"""Tests for megatron_swiftmoe.core.placement (replica counts, placement, split plans, capacity)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_swiftmoe.placement import (
+from megatron_swiftmoe.core.placement import (
     check_layout,
     drop_over_capacity,
     place,

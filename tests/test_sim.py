@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from megatron_swiftmoe import placement
+from megatron_swiftmoe.core import placement
 from megatron_swiftmoe.sim import (
     Cluster, ModelShape, Trace, calibrate_mfu, get_cluster, load_cluster, load_model, load_trace,
     replan_min_moves, simulate,

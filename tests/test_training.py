@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_swiftmoe.data import prepare_default_data
+from megatron_swiftmoe.training.data import prepare_default_data
 
 TIMEOUT_S = 600
 

@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from megatron_swiftmoe import placement as placement_lib
+from megatron_swiftmoe.core import placement as placement_lib
 from megatron_swiftmoe.sim.cluster import Cluster
 from megatron_swiftmoe.sim.model import ModelShape
 from megatron_swiftmoe.sim.trace import Trace
@@ -357,7 +357,7 @@ def _uniform_layout(ctx: _Ctx) -> torch.Tensor:
 
 
 def _plan(ctx: _Ctx, popularity: torch.Tensor) -> torch.Tensor:
-    """SwiftMoE's plan_placement (megatron_swiftmoe.layer) for N ranks x S slots."""
+    """SwiftMoE's plan_placement (megatron_swiftmoe.core.layer) for N ranks x S slots."""
     n, s = ctx.n, ctx.model.slots_per_rank
     counts = placement_lib.replica_counts(popularity, n * s)
     if ctx.model.placement_policy == "contiguous":

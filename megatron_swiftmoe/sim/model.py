@@ -1,6 +1,6 @@
 """Model shape for the cost model, read from a training config YAML (no Megatron import).
 
-Parameter counts follow what this program builds (``megatron_swiftmoe.model``): bias-free
+Parameter counts follow what this program builds (``megatron_swiftmoe.training.model``): bias-free
 linear layers, tied embeddings unless ``untie-embeddings-and-output-weights``, learned
 absolute positions unless ``position-embedding-type: rope``, LayerNorm (weight + bias) or
 RMSNorm (weight), every ``moe-layer-freq``-th layer an MoE layer (router ``[E, h]`` plus E
@@ -24,7 +24,7 @@ MODEL_NAMES = {
     "gpt-medium": "gpt_medium_moe.yaml",
     "gpt-large": "gpt_large_moe.yaml",
 }
-DEFAULT_VOCAB_SIZE = 8192  # megatron_swiftmoe.arguments.DEFAULT_VOCAB_SIZE (built-in tokenizer)
+DEFAULT_VOCAB_SIZE = 8192  # megatron_swiftmoe.training.arguments.DEFAULT_VOCAB_SIZE (built-in tokenizer)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def _moe_layer_pattern(value: Any, num_layers: int) -> tuple[int, ...]:
         return tuple(int(i % value == 0) for i in range(num_layers))
     if isinstance(value, str):
         # Same restricted grammar as --moe-layer-freq: int/list literals, +, *, parentheses.
-        from megatron_swiftmoe.arguments import moe_layer_freq_type
+        from megatron_swiftmoe.training.arguments import moe_layer_freq_type
 
         value = moe_layer_freq_type(value)
         if isinstance(value, int):

@@ -1,6 +1,6 @@
 """Routing traces: per-iteration, per-MoE-layer global tokens per expert from a metrics JSONL.
 
-The file is what ``pretrain_gpt --metrics-path`` writes (format: ``megatron_swiftmoe.monitor``):
+The file is what ``pretrain_gpt --metrics-path`` writes (format: ``megatron_swiftmoe.training.monitor``):
 one JSON object per training iteration with ``layers[l].tokens_per_expert`` (global routed
 (token, expert) pairs). Also kept: the recording's rank count (``len(tokens_per_rank)``), its
 strategy (SwiftMoE if any expert had more than one replica), measured ``iter_time_s`` and the

@@ -36,7 +36,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from megatron_swiftmoe.config import GROUPED_GEMM_MODES, PLACEMENT_POLICIES, SwiftMoEConfig
+from megatron_swiftmoe.core.config import add_swiftmoe_arguments, swiftmoe_config_from_args
 
 #: Vocabulary size of the SentencePiece tokenizer trained on the built-in default corpus, and
 #: the default vocabulary of ``--mock-data`` (NullTokenizer).
@@ -466,39 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Iterations between the per-layer expert-load log lines. Default: log-interval.",
     )
 
-    g = parser.add_argument_group("SwiftMoE: per-iteration expert replication")
-    g.add_argument(
-        "--swiftmoe", action=argparse.BooleanOptionalAction, default=False,
-        help="Use SwiftMoE: every MoE layer holds --swiftmoe-slots-per-rank expert replicas per "
-        "rank, re-planned every iteration from the observed expert popularity, trained with the "
-        "SwiftMoE optimizer (sharded AdamW whose optimizer state never moves). Without it "
-        "(--no-swiftmoe) the same program trains Megatron's static expert parallelism with "
-        "num-experts / world-size experts per rank: the baseline.",
-    )
-    g.add_argument(
-        "--swiftmoe-slots-per-rank", type=int, default=4,
-        help="Expert slots S per rank and MoE layer (each holds one replica of one expert); "
-        "world-size * S must be >= num-experts, and the spare slots replicate popular experts. "
-        "4 is the paper's setting.",
-    )
-    g.add_argument(
-        "--swiftmoe-placement", choices=list(PLACEMENT_POLICIES), default="balanced",
-        help="Placement of the replicas: balanced packs them so that every rank expects the same "
-        "load; contiguous puts the replicas of an expert on consecutive slots (the paper's layout).",
-    )
-    g.add_argument(
-        "--swiftmoe-grouped-gemm", choices=list(GROUPED_GEMM_MODES), default="auto",
-        help="Expert computation: on = one torch._grouped_mm over all slots, off = a loop over "
-        "the slots, auto = grouped GEMM on CUDA with bf16/fp16, the loop otherwise.",
-    )
-    g.add_argument(
-        "--swiftmoe-replan-interval", type=int, default=1,
-        help="Re-plan the replicas every K iterations from the popularity since the last re-plan. "
-        "1 (default) is SwiftMoE. K > 1 is the FlexMoE-like baseline: replicas stay fixed between "
-        "re-plans, and at a re-plan the moved experts' parameters and optimizer state are "
-        "transferred (bytes counted in the metrics as expert_migration). With "
-        "--moe-expert-capacity-factor each expert's capacity is proportional to its replicas.",
-    )
+    add_swiftmoe_arguments(parser)
     return parser
 
 
@@ -982,7 +950,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     except (ValueError, AssertionError, TypeError) as exc:
         fail(f"Megatron's TransformerConfig rejects these settings: {exc}")
     if args.swiftmoe:
-        from megatron_swiftmoe.layer import _check_supported
+        from megatron_swiftmoe.core.layer import _check_supported
 
         try:
             _check_supported(config, n, swiftmoe_config_from_args(args))
@@ -1076,20 +1044,6 @@ def transformer_config_from_args(args: argparse.Namespace):
         moe_router_bias_update_rate=args.moe_router_bias_update_rate,
         moe_layer_freq=list(args.moe_layer_freq) if isinstance(args.moe_layer_freq, list) else args.moe_layer_freq,
         moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-    )
-
-
-def swiftmoe_config_from_args(args: argparse.Namespace) -> Optional[SwiftMoEConfig]:
-    """SwiftMoE's settings, or ``None`` without ``--swiftmoe`` (static baseline)."""
-    if not args.swiftmoe:
-        return None
-    return SwiftMoEConfig(
-        slots_per_rank=args.swiftmoe_slots_per_rank,
-        placement=args.swiftmoe_placement,
-        grouped_gemm=args.swiftmoe_grouped_gemm,
-        capacity_factor=args.moe_expert_capacity_factor,
-        drop_policy=args.moe_token_drop_policy or "probs",
-        replan_interval=args.swiftmoe_replan_interval,
     )
 
 

@@ -1,11 +1,14 @@
 """SwiftMoE settings: the one dataclass every SwiftMoE component is configured by.
 
 Megatron's :class:`TransformerConfig` configures the model (experts, top-k, router, sizes);
-this adds what the replication strategy needs on top of it.
+this adds what the replication strategy needs on top of it. The ``--swiftmoe*`` command-line
+flags that fill it are defined here too (:func:`add_swiftmoe_arguments`), once for both front
+ends: this project's ``pretrain_gpt`` and the plugin for Megatron-LM's own ``pretrain_gpt.py``.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Optional
 
@@ -68,3 +71,58 @@ class SwiftMoEConfig:
                 f"swiftmoe grouped_gemm must be one of {GROUPED_GEMM_MODES}, "
                 f"got {self.grouped_gemm!r}"
             )
+
+
+def add_swiftmoe_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``--swiftmoe*`` flag group to ``parser`` (Megatron-LM's or ours); returns it."""
+    g = parser.add_argument_group("SwiftMoE: per-iteration expert replication")
+    g.add_argument(
+        "--swiftmoe", action=argparse.BooleanOptionalAction, default=False,
+        help="Use SwiftMoE: every MoE layer holds --swiftmoe-slots-per-rank expert replicas per "
+        "rank, re-planned every iteration from the observed expert popularity; the experts' "
+        "optimizer state is statically sharded and never moves. Without it (--no-swiftmoe) "
+        "Megatron's static expert parallelism trains the same model: the baseline.",
+    )
+    g.add_argument(
+        "--swiftmoe-slots-per-rank", type=int, default=4,
+        help="Expert slots S per rank and MoE layer (each holds one replica of one expert); "
+        "data-parallel size * S must be >= num-experts, and the spare slots replicate popular "
+        "experts. 4 is the paper's setting.",
+    )
+    g.add_argument(
+        "--swiftmoe-placement", choices=list(PLACEMENT_POLICIES), default="balanced",
+        help="Placement of the replicas: balanced packs them so that every rank expects the same "
+        "load; contiguous puts the replicas of an expert on consecutive slots (the paper's layout).",
+    )
+    g.add_argument(
+        "--swiftmoe-grouped-gemm", choices=list(GROUPED_GEMM_MODES), default="auto",
+        help="Expert computation: on = one torch._grouped_mm over all slots, off = a loop over "
+        "the slots, auto = grouped GEMM on CUDA with bf16/fp16, the loop otherwise.",
+    )
+    g.add_argument(
+        "--swiftmoe-replan-interval", type=int, default=1,
+        help="Re-plan the replicas every K iterations from the popularity since the last re-plan. "
+        "1 (default) is SwiftMoE. K > 1 is the FlexMoE-like baseline: replicas stay fixed between "
+        "re-plans, and at a re-plan the moved experts' parameters and optimizer state are "
+        "transferred (bytes counted in the metrics as expert_migration). With "
+        "--moe-expert-capacity-factor each expert's capacity is proportional to its replicas.",
+    )
+    return parser
+
+
+def swiftmoe_config_from_args(args: argparse.Namespace) -> Optional[SwiftMoEConfig]:
+    """SwiftMoE's settings from parsed flags, or ``None`` without ``--swiftmoe``.
+
+    ``--moe-expert-capacity-factor`` and ``--moe-token-drop-policy`` are Megatron's flags; with
+    ``--swiftmoe`` they configure SwiftMoE's replica-proportional capacity.
+    """
+    if not args.swiftmoe:
+        return None
+    return SwiftMoEConfig(
+        slots_per_rank=args.swiftmoe_slots_per_rank,
+        placement=args.swiftmoe_placement,
+        grouped_gemm=args.swiftmoe_grouped_gemm,
+        capacity_factor=args.moe_expert_capacity_factor,
+        drop_policy=args.moe_token_drop_policy or "probs",
+        replan_interval=args.swiftmoe_replan_interval,
+    )

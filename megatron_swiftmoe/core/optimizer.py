@@ -28,7 +28,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
 
-from megatron_swiftmoe.layer import SwiftMoELayer, master_dtype, plan_placement
+from megatron_swiftmoe.core.layer import SwiftMoELayer, master_dtype, plan_placement
 
 
 def _padded(numel: int, num_ranks: int) -> int:

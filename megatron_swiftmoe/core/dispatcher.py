@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import all_to_all
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_swiftmoe.placement import drop_over_capacity, rank_plan, repeat, replica_capacity
+from megatron_swiftmoe.core.placement import drop_over_capacity, rank_plan, repeat, replica_capacity
 
 
 def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:

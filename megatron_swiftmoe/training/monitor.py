@@ -32,7 +32,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_swiftmoe.layer import SwiftMoELayer
+from megatron_swiftmoe.core.layer import SwiftMoELayer
 
 
 class MoELoadMonitor:

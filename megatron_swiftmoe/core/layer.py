@@ -27,11 +27,11 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_swiftmoe import placement as placement_lib
-from megatron_swiftmoe.compat import default_device
-from megatron_swiftmoe.config import SwiftMoEConfig
-from megatron_swiftmoe.dispatcher import SwiftMoETokenDispatcher
-from megatron_swiftmoe.experts import SlotExperts
+from megatron_swiftmoe.core import placement as placement_lib
+from megatron_swiftmoe.core.compat import default_device
+from megatron_swiftmoe.core.config import SwiftMoEConfig
+from megatron_swiftmoe.core.dispatcher import SwiftMoETokenDispatcher
+from megatron_swiftmoe.core.experts import SlotExperts
 
 
 def master_dtype(param_dtype: torch.dtype) -> torch.dtype:

@@ -255,7 +255,7 @@ class SentencePieceTokenizer(MegatronTokenizerText):
         if not path.is_file():
             raise FileNotFoundError(
                 f"tokenizer model not found: {path}. Train one with "
-                f"`{PREPROCESS_COMMAND} --vocab-size V ...` or megatron_swiftmoe.data."
+                f"`{PREPROCESS_COMMAND} --vocab-size V ...` or megatron_swiftmoe.training.data."
                 "train_tokenizer(), or use prepare_default_data()."
             )
         super().__init__(str(path.resolve()), {"library": "sentencepiece", "chat_template": None})
@@ -482,7 +482,7 @@ def _require_indexed_dataset(data_prefix: Path | str) -> str:
             f"no tokenized dataset at data prefix {prefix!r} (missing {', '.join(missing)}). "
             f"Create it with `{PREPROCESS_COMMAND} --input DOCS.jsonl --output-prefix {prefix} "
             "--tokenizer-model TOKENIZER.model` (or `--vocab-size V` to train a tokenizer on the "
-            "input), or use megatron_swiftmoe.data.prepare_default_data() for the built-in corpus."
+            "input), or use megatron_swiftmoe.training.data.prepare_default_data() for the built-in corpus."
         )
     return prefix
 

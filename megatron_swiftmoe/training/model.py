@@ -21,8 +21,9 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_swiftmoe.arguments import gpt_model_kwargs, swiftmoe_config_from_args
-from megatron_swiftmoe.layer import SwiftMoELayer, swiftmoe_spec
+from megatron_swiftmoe.core.config import swiftmoe_config_from_args
+from megatron_swiftmoe.core.layer import SwiftMoELayer, swiftmoe_spec
+from megatron_swiftmoe.training.arguments import gpt_model_kwargs
 
 _LOCAL_EXPERT = re.compile(r"^(.*\.experts)\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")

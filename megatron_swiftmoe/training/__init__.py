@@ -1,0 +1,1 @@
+"""This project's training program on megatron.core: arguments, data, model, checkpoints, monitor, loop."""
