@@ -110,11 +110,15 @@ def add_swiftmoe_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
-def swiftmoe_config_from_args(args: argparse.Namespace) -> Optional[SwiftMoEConfig]:
+_FROM_FLAGS = object()
+
+
+def swiftmoe_config_from_args(args: argparse.Namespace, capacity_factor=_FROM_FLAGS) -> Optional[SwiftMoEConfig]:
     """SwiftMoE's settings from parsed flags, or ``None`` without ``--swiftmoe``.
 
     ``--moe-expert-capacity-factor`` and ``--moe-token-drop-policy`` are Megatron's flags; with
-    ``--swiftmoe`` they configure SwiftMoE's replica-proportional capacity.
+    ``--swiftmoe`` they configure SwiftMoE's replica-proportional capacity (``capacity_factor``
+    overrides the first, for a front end that has taken it away from Megatron's own layers).
     """
     if not args.swiftmoe:
         return None
@@ -122,7 +126,7 @@ def swiftmoe_config_from_args(args: argparse.Namespace) -> Optional[SwiftMoEConf
         slots_per_rank=args.swiftmoe_slots_per_rank,
         placement=args.swiftmoe_placement,
         grouped_gemm=args.swiftmoe_grouped_gemm,
-        capacity_factor=args.moe_expert_capacity_factor,
+        capacity_factor=args.moe_expert_capacity_factor if capacity_factor is _FROM_FLAGS else capacity_factor,
         drop_policy=args.moe_token_drop_policy or "probs",
         replan_interval=args.swiftmoe_replan_interval,
     )

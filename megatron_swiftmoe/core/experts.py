@@ -2,7 +2,8 @@
 
 A slot holds the weights of whichever expert the current placement puts there; the
 weights are written by the optimizer (never trained in place), so slots carry no identity
-of their own. Weight layout per slot follows Megatron's ``MLP`` (``[out, in]``), so an
+of their own and are not checkpointed: they are a cache of the layer's expert shards
+(``SwiftMoELayer.expert_shard``), rebuilt after every load. Weight layout per slot follows Megatron's ``MLP`` (``[out, in]``), so an
 expert's parameters map one-to-one onto a ``SequentialMLP`` expert's ``linear_fc1`` /
 ``linear_fc2`` weights.
 """
@@ -43,6 +44,16 @@ class SlotExperts(MegatronModule):
         self.fc2 = torch.nn.Parameter(torch.zeros(num_slots, hidden, ffn, **kwargs))
         for param in (self.fc1, self.fc2):
             param.is_swiftmoe_slot = True
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """Slots are a cache of the expert shards: nothing of theirs goes into a checkpoint."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        for name in ("fc1", "fc2"):  # written by checkpoints of earlier versions
+            state_dict.pop(prefix + name, None)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
+        return {}
 
     @property
     def expert_numel(self) -> int:

@@ -5,10 +5,24 @@ aux loss, z-loss, expert bias) and ``MoELayer.forward`` run unchanged. Only the 
 that assume a static expert layout are replaced: the token dispatcher
 (:class:`SwiftMoETokenDispatcher`) and the experts (:class:`SlotExperts`, S replica slots).
 
-The layer owns the per-layer replication state: the current ``placement`` ``[N, S]`` (the
-expert held by every slot of every rank) and ``step_popularity`` ``[E]`` (global routed
-pairs per expert since the last optimizer step). :class:`SwiftMoEOptimizer` plans the next
-placement from the popularity and writes the updated expert weights into the new slots.
+The layer owns the per-layer state:
+
+* ``expert_shard`` ``[E, P/N]`` (fp32): this rank's shard ``r`` of every expert's flattened
+  weights, the authoritative expert weights (model state, so a checkpoint loaded without its
+  optimizer state keeps them). Rank ``r`` owns shard ``r`` for the whole run;
+* ``placement`` ``[N, S]``: the expert held by every slot of every rank;
+* ``step_popularity`` ``[E]``: global routed pairs per expert since the last re-plan;
+* the slots themselves (:class:`SlotExperts`), a cache of the shards for the current
+  placement, written by the optimizer and never checkpointed.
+
+The optimizer (:class:`SwiftMoEOptimizer`, or the Megatron-LM plugin's) reduces the slot
+gradients into the shards, steps AdamW on them, plans the next placement from the popularity
+and writes the updated shards into the new slots.
+
+Distributed checkpoints (``sharded_state_dict``) store the expert weights under the keys and
+global shapes of Megatron's static ``SequentialMLP`` experts, each rank writing the rectangles
+of the weight matrices its shard covers, so a checkpoint reshards to any number of ranks or
+slots and converts to and from Megatron's static expert parallelism.
 """
 
 from __future__ import annotations
@@ -37,6 +51,42 @@ from megatron_swiftmoe.core.experts import SlotExperts
 def master_dtype(param_dtype: torch.dtype) -> torch.dtype:
     """fp32 master weights, gradients and reductions for fp32/bf16/fp16 params (fp64 stays fp64)."""
     return torch.promote_types(param_dtype, torch.float32)
+
+
+def shard_numel(expert_numel: int, num_ranks: int) -> int:
+    """Elements of one expert's shard: ``ceil(P / N)`` (the last shards are zero-padded)."""
+    return -(-expert_numel // num_ranks)
+
+
+def shard_rectangles(
+    rank: int, shard_size: int, shapes: tuple[tuple[int, int], ...]
+) -> list[tuple[int, int, int, tuple[int, int], tuple[int, int]]]:
+    """The rectangles of each weight matrix that ``rank``'s flat shard covers.
+
+    An expert is the concatenation of the row-major matrices ``shapes`` (fc1 ``[F1, H]``, fc2
+    ``[H, F]``) flattened; shard ``rank`` is elements ``[rank * shard_size, (rank + 1) *
+    shard_size)`` of it. Returns ``(matrix, lo, hi, (row0, row1), (col0, col1))`` per piece:
+    columns ``[lo, hi)`` of the shard hold rows ``row0:row1`` x columns ``col0:col1`` of matrix
+    ``matrix``. A contiguous range of a row-major matrix is at most three rectangles: the end of
+    a row, whole rows, the start of a row.
+    """
+    start, end = rank * shard_size, (rank + 1) * shard_size
+    pieces = []
+    offset = 0
+    for index, (rows, cols) in enumerate(shapes):
+        a, b = max(start, offset) - offset, min(end, offset + rows * cols) - offset
+        while a < b:
+            row, col = divmod(a, cols)
+            if col or b - a < cols:  # within one row
+                stop = min(b, (row + 1) * cols)
+                rect = (row, row + 1), (col, stop - row * cols)
+            else:  # whole rows
+                stop = a + (b - a) // cols * cols
+                rect = (row, stop // cols), (0, cols)
+            pieces.append((index, offset + a - start, offset + stop - start, *rect))
+            a = stop
+        offset += rows * cols
+    return pieces
 
 
 def plan_placement(popularity: torch.Tensor, num_ranks: int, swiftmoe: SwiftMoEConfig) -> torch.Tensor:
@@ -148,9 +198,12 @@ class SwiftMoELayer(MoELayer):
         self.register_buffer("placement", plan_placement(uniform, num_ranks, self.swiftmoe))
         # Persistent: with replan_interval > 1 it spans steps, and a resume must not lose it.
         self.register_buffer("step_popularity", uniform.clone())
+        self.shard_numel = shard_numel(self.experts.expert_numel, num_ranks)
+        # Not in state_dict(): every rank's differs, and each front end saves it its own way
+        # (per-rank files, or sharded_state_dict below).
+        shard = torch.zeros(config.num_moe_experts, self.shard_numel, dtype=master_dtype(config.params_dtype), device=device)
+        self.register_buffer("expert_shard", shard, persistent=False)
         self.token_dispatcher = SwiftMoETokenDispatcher(self, config, pg_collection)
-        # Full expert weights exist only until the optimizer takes its shards of them.
-        self.initial_expert_weights: Optional[torch.Tensor] = None
         if config.perform_initialization:
             self.load_expert_weights(*self._init_expert_weights(device))
 
@@ -173,11 +226,10 @@ class SwiftMoELayer(MoELayer):
 
     @torch.no_grad()
     def load_expert_weights(self, fc1: torch.Tensor, fc2: torch.Tensor) -> None:
-        """Set the weights of all experts (before the optimizer is built).
+        """Set the weights of all experts (the same on every rank; no communication).
 
         fc1: ``[E, F1, H]``, fc2: ``[E, H, F]``, Megatron's ``linear_fc1`` / ``linear_fc2``
-        layout. They fill the slots of the current placement and seed the optimizer's
-        master shards.
+        layout. They set this rank's expert shards and fill the slots of the current placement.
         """
         expected = (self.config.num_moe_experts, *self.experts.fc1.shape[1:]), (
             self.config.num_moe_experts,
@@ -187,13 +239,107 @@ class SwiftMoELayer(MoELayer):
             raise ValueError(
                 f"expert weights must have shapes {expected}, got {tuple(fc1.shape)} and {tuple(fc2.shape)}"
             )
-        where = dict(dtype=master_dtype(self.config.params_dtype), device=self.experts.fc1.device)
-        self.initial_expert_weights = self.experts.flat_slots(fc1.to(**where), fc2.to(**where))
-        self.experts.load_flat(self.initial_expert_weights[self.slot_experts])
+        flat = self.experts.flat_slots(fc1, fc2).to(self.expert_shard)
+        start = self.rank * self.shard_numel
+        mine = flat[:, start : start + self.shard_numel]
+        self.expert_shard.zero_()[:, : mine.shape[1]] = mine
+        self.experts.load_flat(flat[self.slot_experts])
 
     def set_placement(self, placement: torch.Tensor) -> None:
         """Install the placement of the next iteration (its slot weights are written separately)."""
         self.placement.copy_(placement)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Float16Module casts the model to bf16/fp16: the master shards move with it but keep
+        # their dtype. A zero-size probe tells where ``fn`` sends tensors.
+        shard = self._buffers.pop("expert_shard")
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = fn(torch.empty(0, dtype=shard.dtype, device=shard.device)).device
+            self._buffers["expert_shard"] = shard.to(device)
+        return self
+
+    # ---- distributed checkpoints (megatron.core.dist_checkpointing)
+
+    def _expert_pieces(self, tensor: torch.Tensor, key_prefix: str, sharded_offsets: tuple) -> dict:
+        """``tensor [E, shard]`` (expert shards or an Adam moment of them) as ShardedTensors of the
+        static experts' ``linear_fc1`` / ``linear_fc2`` weights, one per rectangle it covers."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        shapes = (tuple(self.experts.fc1.shape[1:]), tuple(self.experts.fc2.shape[1:]))
+        pieces = shard_rectangles(self.rank, self.shard_numel, shapes)
+        num_experts = tensor.shape[0]
+        out = {}
+        for expert in range(num_experts):
+            offsets = (*sharded_offsets, (len(sharded_offsets), expert, num_experts))
+            for matrix, lo, hi, rows, cols in pieces:
+                # Full-rank local shape (no prepended axes): irregular chunks must be, for DCP.
+                local = (1,) * len(offsets) + (rows[1] - rows[0], cols[1] - cols[0])
+                out[f"{key_prefix}e{expert}.{lo}-{hi}"] = ShardedTensor(
+                    key=f"{self._checkpoint_prefix}experts.experts.linear_fc{matrix + 1}.weight",
+                    data=tensor[expert, lo:hi].view(local),
+                    dtype=tensor.dtype,
+                    local_shape=local,
+                    global_shape=(*(frags for _, _, frags in offsets), *shapes[matrix]),
+                    global_offset=(*(off for _, off, _ in offsets), rows[0], cols[0]),
+                    axis_fragmentations=None,  # shards cut matrices at arbitrary elements
+                    replica_id=(0, 0, 0),  # every piece has exactly one owner
+                )
+        return out
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Router / shared experts as Megatron saves them; experts in the static experts' format.
+
+        The placement and popularity go in one replicated object (``swiftmoe_plan``), requested
+        only from checkpoints written with SwiftMoE (``metadata["swiftmoe"]``); a static
+        checkpoint leaves the current plan in place.
+        """
+        from megatron.core.transformer.utils import make_sharded_object_for_checkpoint, sharded_state_dict_default
+
+        self._checkpoint_prefix = prefix  # the optimizer keys the Adam moments the same way
+        state = {}
+        for name, module in self.named_children():
+            if module is not self.experts:
+                state.update(sharded_state_dict_default(module, f"{prefix}{name}.", sharded_offsets, metadata))
+        state.update(self._expert_pieces(self.expert_shard, f"{prefix}experts.swiftmoe_shard.", sharded_offsets))
+        # The static experts' (empty) extra states, so that a static run can load this checkpoint.
+        for expert in range(self.config.num_moe_experts):
+            offsets = (*sharded_offsets, (len(sharded_offsets), expert, self.config.num_moe_experts))
+            for fc in ("linear_fc1", "linear_fc2"):
+                key = f"{prefix}experts.experts.{fc}._extra_state"
+                state[f"{prefix}experts.swiftmoe_extra.{expert}.{fc}"] = make_sharded_object_for_checkpoint(
+                    None, key, offsets, replica_id=(0, 0, self.rank)
+                )
+        if metadata is None or metadata.get("swiftmoe") is not None:
+            plan = {"placement": self.placement.cpu(), "step_popularity": self.step_popularity.cpu()}
+            state[f"{prefix}swiftmoe_plan"] = make_sharded_object_for_checkpoint(
+                plan, f"{prefix}swiftmoe_plan", sharded_offsets, replica_id=(0, 0, self.rank)
+            )
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Also takes the entries of :meth:`sharded_state_dict` (a distributed checkpoint)."""
+        pieces = [key for key in state_dict if key.startswith(f"{prefix}experts.swiftmoe_shard.")]
+        with torch.no_grad():
+            for key in pieces:
+                expert, span = key[len(f"{prefix}experts.swiftmoe_shard.e") :].split(".")
+                lo, hi = map(int, span.split("-"))
+                self.expert_shard[int(expert), lo:hi] = state_dict.pop(key).reshape(-1)
+        for key in [key for key in state_dict if key.startswith(f"{prefix}experts.swiftmoe_extra.")]:
+            del state_dict[key]
+        plan = state_dict.pop(f"{prefix}swiftmoe_plan", None)
+        if plan is not None:
+            placement = plan["placement"]
+            if tuple(placement.shape) != tuple(self.placement.shape):
+                # Saved with another number of ranks or slots: plan this layout afresh.
+                placement = plan_placement(plan["step_popularity"], self.num_ranks, self.swiftmoe)
+            state_dict[f"{prefix}placement"] = placement
+            state_dict[f"{prefix}step_popularity"] = plan["step_popularity"]
+        elif pieces:  # a static run's checkpoint: keep this run's plan
+            state_dict.setdefault(f"{prefix}placement", self.placement)
+            state_dict.setdefault(f"{prefix}step_popularity", self.step_popularity)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def swiftmoe_spec(spec, swiftmoe: SwiftMoEConfig):

@@ -35,7 +35,7 @@ def _padded(numel: int, num_ranks: int) -> int:
     return -(-numel // num_ranks) * num_ranks
 
 
-def _attach_main_grad(param: torch.nn.Parameter) -> None:
+def attach_main_grad(param: torch.nn.Parameter) -> None:
     """Accumulate micro-batch gradients of low-precision params in fp32 (``param.main_grad``)."""
     param.main_grad = None
 
@@ -47,7 +47,8 @@ def _attach_main_grad(param: torch.nn.Parameter) -> None:
     param.register_post_accumulate_grad_hook(accumulate)
 
 
-def _grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+def param_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """The accumulated gradient of ``param``: its fp32 ``main_grad`` if it has one, else ``grad``."""
     return param.main_grad if hasattr(param, "main_grad") else param.grad
 
 
@@ -101,7 +102,7 @@ class _DenseShard:
         return flat
 
     def _flat_grads(self) -> torch.Tensor:
-        return self._flatten([_grad(p) if _grad(p) is not None else torch.zeros_like(p) for p in self.params], self.dtype)
+        return self._flatten([param_grad(p) if param_grad(p) is not None else torch.zeros_like(p) for p in self.params], self.dtype)
 
     def _write_params(self, flat: torch.Tensor) -> None:
         offset = 0
@@ -151,39 +152,38 @@ class _LocalParams(_DenseShard):
         return 0
 
 
-class _ExpertShards:
-    """Rank r's shard r of every expert of one SwiftMoE layer: master ``[E, P/N]`` in fp32."""
+class ExpertShards:
+    """The distributed mechanics of one SwiftMoE layer's expert shards.
+
+    ``master`` is the layer's ``expert_shard`` ``[E, P/N]`` (rank r's shard r of every expert,
+    fp32), updated in place by the optimizer; this class moves gradients from the slots into
+    it and updated weights from it into the slots. Shared by :class:`SwiftMoEOptimizer` and the
+    Megatron-LM plugin's expert optimizer.
+    """
 
     def __init__(self, layer: SwiftMoELayer):
-        if layer.initial_expert_weights is None:
-            raise ValueError(
-                "SwiftMoE layer has no initial expert weights: build the optimizer right after the "
-                "model (or call layer.load_expert_weights) and before training"
-            )
         self.layer = layer
         self.group = layer.group
         self.num_ranks = layer.num_ranks
         self.expert_numel = layer.experts.expert_numel
-        self.padded = _padded(self.expert_numel, self.num_ranks)
-        self.shard_numel = self.padded // self.num_ranks
-        full = torch.nn.functional.pad(layer.initial_expert_weights, (0, self.padded - self.expert_numel))
-        start = layer.rank * self.shard_numel
-        self.master = full[:, start : start + self.shard_numel].clone().requires_grad_()
-        layer.initial_expert_weights = None
+        self.shard_numel = layer.shard_numel
+        self.padded = self.shard_numel * self.num_ranks
+        self.master = layer.expert_shard
 
     def _distinct(self, placement: torch.Tensor) -> list[torch.Tensor]:
         """Sorted distinct experts held by each rank: N tensors."""
         return [torch.unique(row) for row in placement]
 
-    def reduce_scatter_grads(self) -> int:
-        """Sum all replicas' gradients into the owners' ``master.grad`` (averaged over ranks).
+    def reduce_scatter_grads(self, scale: Optional[float] = None) -> int:
+        """Sum all replicas' gradients into the owners' ``master.grad``, times ``scale``
+        (default ``1 / N``: averaged over ranks, as data-parallel gradients are).
 
         Local replicas of one expert are summed first, then every rank sends shard r of each of
         its distinct experts to rank r. Returns bytes sent.
         """
         experts = self.layer.experts
         slot_grads = [
-            (_grad(p) if _grad(p) is not None else torch.zeros_like(p)).to(self.master.dtype)
+            (param_grad(p) if param_grad(p) is not None else torch.zeros_like(p)).to(self.master.dtype)
             for p in (experts.fc1, experts.fc2)
         ]
         slot_flat = experts.flat_slots(*slot_grads)  # [S, P]
@@ -205,7 +205,7 @@ class _ExpertShards:
         )
         grad = torch.zeros_like(self.master)
         grad.index_add_(0, torch.cat(distinct), recv.view(-1, self.shard_numel))
-        self.master.grad = grad.div_(self.num_ranks)
+        self.master.grad = grad.mul_(1.0 / self.num_ranks if scale is None else scale)
         return send.numel() * send.element_size()
 
     @torch.no_grad()
@@ -250,6 +250,21 @@ class _ExpertShards:
         )
         element = recv.element_size()
         return sum(send_sizes) * element, (sum(send_sizes) + recv.numel()) * element
+
+    @torch.no_grad()
+    def advance(self, steps: int, adam_state: dict) -> tuple[int, int, int]:
+        """After optimizer step number ``steps``: re-plan when due, send the updated shards to the
+        slots of the (new) placement. Returns (parameter bytes, migration bytes, migration peak).
+        """
+        layer = self.layer
+        next_placement = layer.placement.clone()
+        migrated = peak = 0
+        if steps % layer.swiftmoe.replan_interval == 0:
+            next_placement = plan_placement(layer.step_popularity, self.num_ranks, layer.swiftmoe)
+            layer.step_popularity.zero_()
+            if layer.swiftmoe.replan_interval > 1:
+                migrated, peak = self.migrate(next_placement, adam_state)
+        return self.scatter_params(next_placement), migrated, peak
 
     @torch.no_grad()
     def scatter_params(self, next_placement: torch.Tensor) -> int:
@@ -329,7 +344,7 @@ class SwiftMoEOptimizer:
                     continue
                 seen.add(id(param))
                 if param.dtype != master_dtype(param.dtype):
-                    _attach_main_grad(param)
+                    attach_main_grad(param)
                 if id(param) in slot_params:
                     continue
                 decays = not (param.ndim == 1 or name.endswith(".bias"))
@@ -338,7 +353,7 @@ class SwiftMoEOptimizer:
             _DenseShard(params, self.group) if replicated else _LocalParams(params)
             for (_, replicated), params in sorted(buckets.items(), reverse=True)
         ]
-        self.expert_shards = [_ExpertShards(layer) for layer in self.layers]
+        self.expert_shards = [ExpertShards(layer) for layer in self.layers]
         self._params = [p for module in modules for p in module.parameters() if p.requires_grad]
 
         # wd_mult: Megatron's OptimizerParamScheduler sets weight_decay = wd * wd_mult per group.
@@ -403,17 +418,11 @@ class SwiftMoEOptimizer:
         sent["dense_param"] = sum(d.all_gather_params() for d in self.dense)
         sent["expert_param"] = sent["expert_migration"] = 0
         for shards in self.expert_shards:
-            layer = shards.layer
-            next_placement = layer.placement.clone()
-            if self.steps % layer.swiftmoe.replan_interval == 0:
-                next_placement = plan_placement(layer.step_popularity, self.num_ranks, layer.swiftmoe)
-                layer.step_popularity.zero_()
-                if layer.swiftmoe.replan_interval > 1:
-                    migrated, peak = shards.migrate(next_placement, self.adamw.state)
-                    sent["expert_migration"] += migrated
-                    stats.migration_peak_bytes = max(stats.migration_peak_bytes, peak)
-            sent["expert_param"] += shards.scatter_params(next_placement)
-            self._update_expert_bias(layer)
+            param_bytes, migrated, peak = shards.advance(self.steps, self.adamw.state)
+            sent["expert_param"] += param_bytes
+            sent["expert_migration"] += migrated
+            stats.migration_peak_bytes = max(stats.migration_peak_bytes, peak)
+            self._update_expert_bias(shards.layer)
         return stats
 
     @staticmethod
@@ -450,6 +459,8 @@ class SwiftMoEOptimizer:
             )
         for master, value in zip(masters, saved):
             master.copy_(value)  # in place: the master tensors stay the same objects
+        for shards in self.expert_shards:  # the slots are a cache of the shards
+            shards.scatter_params(shards.layer.placement)
         self.adamw.load_state_dict(state["adamw"])
         self.steps = state.get("steps", 0)
         if self.loss_scaler and state.get("loss_scaler"):

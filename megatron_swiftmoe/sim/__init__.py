@@ -58,7 +58,7 @@ Per MoE layer and iteration:
    static / deepspeed with D > 1: ZeRO reduce-scatter of fp32 grads + all-gather of weights
    over the D ranks holding the same experts, each alpha_ring(D) + (D-1)/D x (E/EP) P_e bytes
    / BW_ring; D = 1: nothing.
-   swiftmoe: two all-to-alls (``optimizer._ExpertShards``): every rank sends shard q
+   swiftmoe: two all-to-alls (``core.optimizer.ExpertShards``): every rank sends shard q
    (ceil(P_e/N) fp32) of each of its U_r distinct experts to rank q (same-rank replicas summed
    first); each owner sends its updated shard (ceil(P_e/N) x w) to every rank holding the expert
    next iteration (U'_q distinct experts). Time as in 2 with one alpha_a2a each.
