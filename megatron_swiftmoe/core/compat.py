@@ -14,12 +14,19 @@ megatron-core assumes a GPU in a few places that the MoE GPT path touches:
 
 Call :func:`apply` once before building a model. Everything else in the plugin is
 device-agnostic and takes its device from :func:`default_device`.
+
+:func:`apply_megatron_lm` adds what Megatron-LM's own training code (``megatron.training``,
+its optimizers, timers and checkpointing) needs on a machine without CUDA; see its docstring.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
+import importlib.util
+import sys
+import types
 
 import torch
 
@@ -82,15 +89,79 @@ def apply() -> None:
     _applied = True
 
 
+def _on_cpu(device):
+    """``device`` with any CUDA device replaced by the CPU."""
+    if device is None:
+        return None
+    if isinstance(device, int) or torch.device(device).type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+def _cpu_factory(factory):
+    @functools.wraps(factory)
+    def wrapper(*args, device=None, pin_memory=False, **kwargs):
+        return factory(*args, device=_on_cpu(device), **kwargs)
+
+    return wrapper
+
+
+class _Nothing:
+    """Stands in for CUDA streams, events and the like: every method does nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+class _CudaOnCpu(types.SimpleNamespace):
+    """``torch.cuda`` for Megatron-LM's training code on a machine without CUDA.
+
+    One "device" (so that ``initialize_megatron`` builds its process groups), whose streams,
+    events, caches and memory statistics are inert and whose RNG state is the CPU's.
+    """
+
+    def __getattr__(self, name: str):
+        return getattr(torch.cuda, name)
+
+    is_available = staticmethod(lambda: False)
+    device_count = staticmethod(lambda: 1)
+    current_device = staticmethod(lambda: "cpu")
+    set_device = synchronize = empty_cache = reset_peak_memory_stats = staticmethod(lambda *a, **k: None)
+    Stream = Event = staticmethod(_Nothing)
+    current_stream = default_stream = staticmethod(lambda *a, **k: _Nothing())
+    stream = staticmethod(lambda *a, **k: contextlib.nullcontext())
+    memory_stats = staticmethod(lambda *a, **k: {})
+    memory_allocated = max_memory_allocated = memory_reserved = max_memory_reserved = staticmethod(lambda *a, **k: 0)
+    get_rng_state = staticmethod(torch.get_rng_state)
+    set_rng_state = staticmethod(lambda state, *a, **k: None)  # the CPU state is restored separately
+
+
 class _TorchOnCpu:
-    """``torch`` for a module that hard-codes ``device="cuda"`` in ``torch.zeros``."""
+    """``torch`` for a module that hard-codes CUDA: factories map ``device="cuda"`` to the CPU,
+    and ``torch.cuda`` is :class:`_CudaOnCpu`."""
+
+    cuda = _CudaOnCpu()
 
     def __getattr__(self, name: str):
         return getattr(torch, name)
 
-    @staticmethod
-    def zeros(*args, device=None, **kwargs) -> torch.Tensor:
-        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+    zeros = staticmethod(_cpu_factory(torch.zeros))
+    ones = staticmethod(_cpu_factory(torch.ones))
+    empty = staticmethod(_cpu_factory(torch.empty))
+    full = staticmethod(_cpu_factory(torch.full))
+    tensor = staticmethod(_cpu_factory(torch.tensor))
+    arange = staticmethod(_cpu_factory(torch.arange))
+    rand = staticmethod(_cpu_factory(torch.rand))
+    randn = staticmethod(_cpu_factory(torch.randn))
 
 
 @functools.lru_cache(maxsize=8)
@@ -112,3 +183,181 @@ def manual_seed(seed: int) -> None:
     tracker.reset()
     # Same offset Megatron uses, so CPU and GPU runs draw dropout masks from the same seed.
     tracker.add(_MODEL_PARALLEL_RNG, seed + 2718)
+
+
+# Modules of Megatron-LM's training code (and of megatron.core under it) that hard-code CUDA in
+# tensor factories or torch.cuda calls: each sees a ``torch`` whose CUDA maps to the CPU.
+_MEGATRON_LM_CUDA_MODULES = (
+    "megatron.training.initialize",
+    "megatron.training.training",
+    "megatron.training.utils",
+    "megatron.training.checkpointing",
+    "megatron.core.timers",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.utils",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.dist_checkpointing.tensor_aware_state_dict",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+)
+_megatron_lm_applied = False
+
+
+def apply_megatron_lm() -> None:
+    """Make Megatron-LM's training code (``pretrain()``) run on CPU with gloo; no-op on CUDA.
+
+    Shim by shim (each does nothing where CUDA exists):
+
+    * :func:`apply` (the megatron.core shims above);
+    * the modules in ``_MEGATRON_LM_CUDA_MODULES`` see :class:`_TorchOnCpu` as ``torch``:
+      ``device="cuda"`` tensors are made on the CPU, ``torch.cuda.device_count()`` is 1 so
+      that ``initialize_megatron`` builds its process groups and seeds the RNG tracker,
+      streams/events/memory statistics are inert, ``torch.cuda.get_rng_state`` is the CPU's;
+    * ``initialize_megatron`` gets ``allow_no_cuda=True``;
+    * ``Tensor.cuda`` / ``Module.cuda`` return the CPU tensor / module (the batch loader and
+      model setup call them unconditionally);
+    * ``Tensor.type()`` names float tensors ``torch.cuda.*Tensor``, because the optimizers
+      assert those names (``distrib_optimizer``, ``optimizer``, ``clip_grads``);
+    * without triton (a GPU package), ``megatron.training.initialize`` imports a stand-in for
+      the triton kernels of ``--batch-invariant-mode``, which then fails with that reason;
+    * the distributed optimizer's state is initialised before a ``torch_dist`` load reads it
+      (an ordering that only TE/apex optimizers tolerate), and after a load every parameter's
+      Adam ``step`` is the checkpoint's (it kept the dummy initialisation's), and a torch-format
+      parameter state, which has no ``step``, loads around it;
+    * the fused CUDA kernels are not built, and a checkout without compiled dataset helpers
+      uses those of the installed megatron-core wheel instead of running ``make``.
+    """
+    global _megatron_lm_applied
+    if _megatron_lm_applied or torch.cuda.is_available():
+        return
+    _stub_batch_invariant_kernels()
+    apply()
+    import importlib
+
+    for name in _MEGATRON_LM_CUDA_MODULES:
+        importlib.import_module(name).torch = _TorchOnCpu()
+    from megatron.training import initialize, training
+
+    original_initialize = initialize.initialize_megatron
+
+    @functools.wraps(original_initialize)
+    def initialize_megatron(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        return original_initialize(*args, **kwargs)
+
+    initialize.initialize_megatron = training.initialize_megatron = initialize_megatron
+    initialize._compile_dependencies = _load_dataset_helpers
+
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    torch.nn.Module.cuda = lambda self, *args, **kwargs: self
+    cpu_type = torch.Tensor.type
+
+    def cuda_style_type(self, dtype=None, *args, **kwargs):
+        if dtype is None and not args and not kwargs:
+            name = cpu_type(self)
+            return name.replace("torch.", "torch.cuda.", 1) if self.is_floating_point() else name
+        return cpu_type(self, dtype, *args, **kwargs)
+
+    torch.Tensor.type = cuda_style_type
+    _init_distributed_optimizer_state_before_loading()
+    _megatron_lm_applied = True
+
+
+def _init_distributed_optimizer_state_before_loading() -> None:
+    """Without TE/apex, ``DistributedOptimizer.sharded_state_dict(is_loading=True)`` reads the
+    Adam ``step`` of a state that is only initialised a few lines later; initialise it first,
+    the way that method itself does (the loaded checkpoint then replaces the dummy values)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer.sharded_state_dict
+
+    @functools.wraps(original)
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, *args, **kwargs):
+        if is_loading and not self.optimizer.state:
+            self._init_optimizer_states_with_dummy_values()
+        return original(self, model_sharded_state_dict, is_loading, *args, **kwargs)
+
+    DistributedOptimizer.sharded_state_dict = sharded_state_dict
+
+    original_load = DistributedOptimizer.load_state_dict
+
+    @functools.wraps(original_load)
+    def load_state_dict(self, state_dict):
+        original_load(self, state_dict)
+        # Without TE/apex the Adam step lives in each parameter's state; make every one the
+        # checkpoint's step, each its own tensor (a shared one would be counted once per
+        # parameter and step by torch's AdamW).
+        steps = {group["step"] for group in state_dict["optimizer"]["param_groups"] if "step" in group}
+        if len(steps) == 1:
+            step = float(steps.pop())
+            for state in self.optimizer.state.values():
+                state["step"] = torch.tensor(step)
+
+    DistributedOptimizer.load_state_dict = load_state_dict
+
+    original_set = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    @functools.wraps(original_set)
+    def set_main_param_and_optimizer_states(self, model_param, tensors):
+        # The torch-format parameter state has no ``step`` (TE/apex keep it elsewhere): copy the
+        # tensors it has, keep the step that load_state_dict set.
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+        step = state.pop("step", None) if "step" not in tensors else None
+        try:
+            original_set(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_main_param_and_optimizer_states
+
+
+def _load_dataset_helpers() -> None:
+    """Megatron-LM's ``_compile_dependencies`` without CUDA: only the dataset helpers.
+
+    A checkout that has no compiled ``helpers_cpp`` borrows the one in the megatron-core wheel
+    (same source), so that no compiler is needed.
+    """
+    name = "megatron.core.datasets.helpers_cpp"
+    try:
+        importlib.import_module(name)
+        return
+    except ImportError:
+        pass
+    try:
+        files = importlib.metadata.files("megatron-core") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    built = [f for f in files if f.name.startswith("helpers_cpp") and f.suffix in (".so", ".pyd")]
+    if not built:
+        from megatron.core.datasets.utils import compile_helpers
+
+        compile_helpers()
+        return
+    spec = importlib.util.spec_from_file_location(name, built[0].locate())
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    importlib.import_module("megatron.core.datasets").helpers_cpp = module
+
+
+def _stub_batch_invariant_kernels() -> None:
+    """A stand-in for Megatron's triton batch-invariant kernels when triton is not installed."""
+    if importlib.util.find_spec("triton") is not None:
+        return
+    stub = types.ModuleType("megatron.core.transformer.custom_layers.batch_invariant_kernels")
+
+    def enable_batch_invariant_mode(*args, **kwargs):
+        raise RuntimeError("--batch-invariant-mode needs triton (a CUDA package): pip install triton on a GPU machine")
+
+    stub.enable_batch_invariant_mode = enable_batch_invariant_mode
+    stub.is_batch_invariant_mode_enabled = lambda: False
+    sys.modules.setdefault(stub.__name__, stub)

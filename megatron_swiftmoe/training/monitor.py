@@ -116,13 +116,14 @@ class MoELoadMonitor:
         return figures
 
 
+def imbalance(values: list[int]) -> float:
+    """max / mean of per-rank loads (1.0 when nothing was routed)."""
+    mean = sum(values) / len(values)
+    return max(values) / mean if mean else 1.0
+
+
 def load_line(index: int, figures: dict[str, Any], hottest: int = 3) -> str:
     """One line per layer: rank load imbalance (vs. static), hottest experts and their replicas."""
-
-    def imbalance(values: list[int]) -> float:
-        mean = sum(values) / len(values)
-        return max(values) / mean if mean else 1.0
-
     tokens, replicas = figures["tokens_per_expert"], figures["replicas_per_expert"]
     top = sorted(range(len(tokens)), key=lambda e: -tokens[e])[:hottest]
     hot = ", ".join(f"e{e} {tokens[e]}->{replicas[e]}x" for e in top)

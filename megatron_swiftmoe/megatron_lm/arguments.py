@@ -1,0 +1,106 @@
+"""The ``--swiftmoe*`` flags in Megatron-LM's parser, and their validation.
+
+The flag group is the same as this project's trainer's (:func:`add_swiftmoe_arguments`).
+:func:`validate` runs inside Megatron's ``validate_args``, before any process group exists:
+a setting SwiftMoE cannot honour stops the job there with a message naming the flag and the
+fix; settings that SwiftMoE replaces are rewritten with a notice.
+"""
+
+from __future__ import annotations
+
+import os
+
+from megatron_swiftmoe.core.config import swiftmoe_config_from_args
+
+
+class SwiftMoEArgumentError(SystemExit):
+    """A Megatron-LM setting SwiftMoE cannot run with (exits with status 2)."""
+
+    def __init__(self, message: str):
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: --swiftmoe: {message}", flush=True)
+        super().__init__(2)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _notice(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"> SwiftMoE: {message}", flush=True)
+
+
+# Settings that must keep their default with --swiftmoe: (attribute, allowed values, why / fix).
+_UNSUPPORTED = (
+    ("tensor_model_parallel_size", (1,), "SwiftMoE replicates experts over the data-parallel ranks and does not "
+     "support tensor parallelism yet (see README, 'Use with Megatron-LM'); use 1"),
+    ("context_parallel_size", (1,), "context parallelism is not supported with SwiftMoE yet; use 1"),
+    ("expert_tensor_parallel_size", (None, 1), "SwiftMoE keeps every expert whole in its slots; use 1"),
+    ("pipeline_model_parallel_size", (1,), "pipeline parallelism is not supported with SwiftMoE yet; use 1"),
+    ("virtual_pipeline_model_parallel_size", (None,), "virtual pipeline stages are not supported with SwiftMoE"),
+    ("num_layers_per_virtual_pipeline_stage", (None,), "virtual pipeline stages are not supported with SwiftMoE"),
+    ("add_bias_linear", (False,), "SwiftMoE's experts are bias-free: add --disable-bias-linear"),
+    ("moe_pad_expert_input_to_capacity", (False, None), "SwiftMoE never pads expert inputs; drop the flag"),
+    ("moe_shared_expert_overlap", (False, None), "not supported with SwiftMoE's dispatcher; drop the flag"),
+    ("moe_latent_size", (None, 0), "latent MoE is not supported with SwiftMoE"),
+    ("overlap_moe_expert_parallel_comm", (False, None), "not supported with SwiftMoE's dispatcher; drop the flag"),
+    ("mtp_num_layers", (None, 0), "multi-token-prediction layers are not supported with SwiftMoE yet"),
+    ("spec", (None,), "SwiftMoE swaps its layer into Megatron's GPT decoder block spec; drop --spec"),
+    ("use_torch_fsdp2", (False,), "SwiftMoE needs Megatron's DDP for the dense parameters; drop the flag"),
+    ("use_megatron_fsdp", (False,), "SwiftMoE needs Megatron's DDP for the dense parameters; drop the flag"),
+    ("num_distributed_optimizer_instances", (1,), "SwiftMoE's expert shards span the whole data-parallel group; use 1"),
+    ("optimizer", ("adam",), "SwiftMoE's expert optimizer is Adam/AdamW; use --optimizer adam"),
+    ("ckpt_format", ("torch", "torch_dist"), "SwiftMoE saves with --ckpt-format torch or torch_dist"),
+    ("cuda_graph_impl", (None, "none"), "CUDA graphs are not supported with SwiftMoE (its split sizes change every step)"),
+    ("enable_cuda_graph", (False, None), "CUDA graphs are not supported with SwiftMoE (its split sizes change every step)"),
+    ("data_parallel_random_init", (False,), "SwiftMoE's expert shards need the same initial experts on every rank"),
+    ("moe_use_upcycling", (False,), "upcycling into SwiftMoE layers is not supported; upcycle first, then resume with --swiftmoe"),
+    ("use_legacy_models", (False,), "SwiftMoE plugs into Megatron-Core models only"),
+)
+
+
+def validate_before(args) -> None:
+    """Checks and rewrites before Megatron's own ``validate_args`` (no process group yet)."""
+    if not getattr(args, "swiftmoe", False):
+        return
+    if not args.num_experts:
+        raise SwiftMoEArgumentError("needs an MoE model: add --num-experts E")
+    for name, allowed, why in _UNSUPPORTED:
+        value = getattr(args, name, allowed[0])
+        if value not in allowed:
+            raise SwiftMoEArgumentError(f"{_flag(name)} {value!r} is not supported: {why}")
+    try:
+        swiftmoe_config_from_args(args)
+    except ValueError as error:
+        raise SwiftMoEArgumentError(str(error)) from None
+    if args.expert_model_parallel_size != 1:
+        _notice(
+            f"--expert-model-parallel-size {args.expert_model_parallel_size} replaced by 1: SwiftMoE places "
+            f"--swiftmoe-slots-per-rank {args.swiftmoe_slots_per_rank} expert replicas on every data-parallel rank "
+            "instead of partitioning the experts"
+        )
+        args.expert_model_parallel_size = 1
+    # SwiftMoE's dispatcher applies the capacity factor per replica slot, not Megatron's layers.
+    args.swiftmoe_capacity_factor = args.moe_expert_capacity_factor
+    args.moe_expert_capacity_factor = None
+
+
+def swiftmoe_config(args):
+    """The run's :class:`SwiftMoEConfig` (after :func:`validate_before`)."""
+    return swiftmoe_config_from_args(args, capacity_factor=args.swiftmoe_capacity_factor)
+
+
+def validate_after(args) -> None:
+    """Checks that need Megatron's derived settings (``data_parallel_size``)."""
+    if not getattr(args, "swiftmoe", False):
+        return
+    dp, slots, experts = args.data_parallel_size, args.swiftmoe_slots_per_rank, args.num_experts
+    if dp * slots < experts:
+        need = -(-experts // dp)
+        raise SwiftMoEArgumentError(
+            f"--swiftmoe-slots-per-rank {slots} x {dp} data-parallel ranks = {dp * slots} slots is fewer than "
+            f"--num-experts {experts}: every expert needs a slot; use --swiftmoe-slots-per-rank >= {need} or more ranks"
+        )
+    if not 1 <= args.moe_router_topk <= experts:
+        raise SwiftMoEArgumentError(f"--moe-router-topk {args.moe_router_topk} must be in [1, --num-experts {experts}]")

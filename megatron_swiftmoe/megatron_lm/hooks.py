@@ -1,0 +1,330 @@
+"""Where the plugin meets Megatron-LM: wrappers around the names ``pretrain()`` calls.
+
+Megatron-LM imports most of these names by value (``from megatron.training.checkpointing
+import save_checkpoint``), so each wrapper is bound in every module that holds the name. Every
+wrapper calls the original unchanged unless ``--swiftmoe`` is set: without the flag the
+patched ``pretrain_gpt.py`` trains exactly as the unpatched one.
+
+| Megatron-LM name | what SwiftMoE adds |
+| --- | --- |
+| ``arguments.add_megatron_arguments`` | the ``--swiftmoe*`` flag group |
+| ``initialize.validate_args`` | :mod:`.arguments` checks, before any process group |
+| ``gpt_builders.get_gpt_decoder_block_spec`` | MoE layers become ``SwiftMoELayer`` |
+| ``training.get_model`` | the load monitor on the built model |
+| ``training.DDP`` | the expert slots stay out of DDP's buckets |
+| ``training.get_megatron_optimizer`` | Megatron's optimizer without the slots, chained with the expert optimizer |
+| ``training.finalize_model_grads`` | per-token loss scaling of the slot gradients |
+| ``training.train_step`` | per-layer load figures, every iteration |
+| ``training.training_log`` | the SwiftMoE load line, TensorBoard / W&B scalars |
+| ``training.save_checkpoint`` / ``load_checkpoint`` | per-rank state (torch format), slot refill |
+| ``checkpointing._build_sharded_state_dict_metadata`` | ``metadata["swiftmoe"]`` (torch_dist) |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from megatron_swiftmoe.core.config import add_swiftmoe_arguments
+from megatron_swiftmoe.core.layer import swiftmoe_spec
+from megatron_swiftmoe.megatron_lm import arguments as swiftmoe_arguments
+from megatron_swiftmoe.megatron_lm import checkpointing as swiftmoe_checkpointing
+from megatron_swiftmoe.megatron_lm.optimizer import chain_with_experts, refresh_slots
+
+
+class _State:
+    """What the hooks share during one run."""
+
+    monitor = None  # MoELoadMonitor over the SwiftMoE layers
+    figures: list = []  # the last iteration's per-layer load figures
+
+
+def _args():
+    from megatron.training import get_args
+
+    return get_args()
+
+
+def _active() -> bool:
+    from megatron.training.global_vars import _GLOBAL_ARGS
+
+    return _GLOBAL_ARGS is not None and bool(getattr(_GLOBAL_ARGS, "swiftmoe", False))
+
+
+def _rebind(modules: list, name: str, make: Callable[[Callable], Callable]) -> None:
+    """Replace ``name`` by ``make(original)`` in every module of ``modules`` that holds it."""
+    original = getattr(modules[0], name)
+    wrapper = make(original)
+    for module in modules:
+        if getattr(module, name, None) is original:
+            setattr(module, name, wrapper)
+
+
+@contextlib.contextmanager
+def _slots_hidden(model_chunks):
+    """Slots look frozen while Megatron collects the parameters it manages (DDP, optimizer)."""
+    slots = [p for chunk in model_chunks for layer in swiftmoe_checkpointing.moe_layers([chunk])
+             for p in layer.experts.parameters()]
+    for param in slots:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in slots:
+            param.requires_grad_(True)
+
+
+def _exit_cleanly(error: swiftmoe_checkpointing.SwiftMoECheckpointError):
+    """Every rank got the same agreed error: print it once (rank 0) and stop every rank."""
+    if torch.distributed.get_rank() == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from error
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def _add_megatron_arguments(original):
+    @functools.wraps(original)
+    def add_megatron_arguments(parser):
+        return add_swiftmoe_arguments(original(parser))
+
+    return add_megatron_arguments
+
+
+def _validate_args(original):
+    @functools.wraps(original)
+    def validate_args(args, defaults={}):  # noqa: B006 - Megatron's signature
+        swiftmoe_arguments.validate_before(args)
+        result = original(args, defaults)
+        swiftmoe_arguments.validate_after(args)
+        return result
+
+    return validate_args
+
+
+# ---------------------------------------------------------------- model
+
+
+def _block_spec(original):
+    @functools.wraps(original)
+    def get_gpt_decoder_block_spec(*args, **kwargs):
+        spec = original(*args, **kwargs)
+        return swiftmoe_spec(spec, swiftmoe_arguments.swiftmoe_config(_args())) if _active() else spec
+
+    return get_gpt_decoder_block_spec
+
+
+def _get_model(original):
+    @functools.wraps(original)
+    def get_model(*args, **kwargs):
+        model = original(*args, **kwargs)
+        if _active():
+            from megatron_swiftmoe.training.monitor import MoELoadMonitor
+
+            layers = swiftmoe_checkpointing.moe_layers(model)
+            if layers:
+                _State.monitor = MoELoadMonitor(layers, group=layers[0].group)
+        return model
+
+    return get_model
+
+
+def _ddp_class(original):
+    class SwiftMoEDistributedDataParallel(original):
+        """Megatron's DDP for everything but the expert slots (their gradients go to the shards)."""
+
+        def __init__(self, config, ddp_config, module, *args, **kwargs):
+            with _slots_hidden([module]):
+                super().__init__(config, ddp_config, module, *args, **kwargs)
+
+    SwiftMoEDistributedDataParallel.__name__ = original.__name__
+    SwiftMoEDistributedDataParallel.__qualname__ = original.__qualname__
+    return SwiftMoEDistributedDataParallel
+
+
+def _get_megatron_optimizer(original):
+    @functools.wraps(original)
+    def get_megatron_optimizer(config, model_chunks, *args, **kwargs):
+        if not _active():
+            return original(config, model_chunks, *args, **kwargs)
+        with _slots_hidden(model_chunks):
+            dense = original(config, model_chunks, *args, **kwargs)
+        return chain_with_experts(dense, config, model_chunks)
+
+    return get_megatron_optimizer
+
+
+def _finalize_model_grads(original):
+    @functools.wraps(original)
+    def finalize_model_grads(model, num_tokens=None, *args, **kwargs):
+        result = original(model, num_tokens, *args, **kwargs)
+        if _active() and num_tokens is not None and num_tokens > 0:
+            # Megatron has just divided every DDP gradient by the global token count.
+            from megatron_swiftmoe.core.optimizer import param_grad
+
+            for layer in swiftmoe_checkpointing.moe_layers(model):
+                for param in layer.experts.parameters():
+                    grad = param_grad(param)
+                    if grad is not None:
+                        grad.div_(num_tokens)
+        return result
+
+    return finalize_model_grads
+
+
+# ---------------------------------------------------------------- training loop and logging
+
+
+def _train_step(original):
+    @functools.wraps(original)
+    def train_step(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if _active() and _State.monitor is not None:
+            _State.figures = _State.monitor.collect()  # collective: every rank, every iteration
+        return result
+
+    return train_step
+
+
+def _training_log(original):
+    @functools.wraps(original)
+    def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs):
+        result = original(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
+        if _active() and _State.figures and iteration % _args().log_interval == 0:
+            _log_load(iteration)
+        return result
+
+    return training_log
+
+
+def _log_load(iteration: int) -> None:
+    from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
+    from megatron.training.utils import print_rank_last
+
+    from megatron_swiftmoe.training.monitor import imbalance, load_line
+
+    writer, wandb_writer = get_tensorboard_writer(), get_wandb_writer()
+    scalars = {}
+    for index, figures in enumerate(_State.figures):
+        print_rank_last(load_line(index, figures))
+        scalars[f"swiftmoe/layer{index}/rank_load_max_over_mean"] = imbalance(figures["tokens_per_rank"])
+        scalars[f"swiftmoe/layer{index}/static_ep_rank_load_max_over_mean"] = imbalance(figures["static_tokens_per_rank"])
+        scalars[f"swiftmoe/layer{index}/dropped_tokens"] = figures["dropped_tokens"]
+    if writer:
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, iteration)
+    if wandb_writer:
+        wandb_writer.log(scalars, iteration)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _parallel_ranks() -> tuple[int, int]:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_data_parallel_rank()
+
+
+def _iteration_dir(root: str, iteration: int) -> str:
+    from megatron.training.checkpointing import get_checkpoint_name
+
+    return get_checkpoint_name(root, iteration, return_base_dir=True)
+
+
+def _save_checkpoint(original):
+    @functools.wraps(original)
+    def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs):
+        megatron_args = _args() if _active() else None
+        if megatron_args is not None and megatron_args.ckpt_format == "torch" and not kwargs.get("non_persistent_ckpt"):
+            # Before Megatron's own save, which replaces the tracker file last.
+            pp_rank, dp_rank = _parallel_ranks()
+            layers = swiftmoe_checkpointing.moe_layers(model)
+            experts = optimizer.chained_optimizers[-1]
+            swiftmoe_checkpointing.save_rank_state(
+                _iteration_dir(megatron_args.save, iteration), pp_rank, dp_rank, megatron_args, layers, experts
+            )
+        return original(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs)
+
+    return save_checkpoint
+
+
+def _load_checkpoint(original):
+    @functools.wraps(original)
+    def load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg="load", *args, **kwargs):
+        result = original(ddp_model, optimizer, opt_param_scheduler, load_arg, *args, **kwargs)
+        if _active():
+            try:
+                _after_load(ddp_model, optimizer, getattr(_args(), load_arg))
+            except swiftmoe_checkpointing.SwiftMoECheckpointError as error:
+                _exit_cleanly(error)
+        return result
+
+    return load_checkpoint
+
+
+def _after_load(model, optimizer, load_dir: Optional[str]) -> None:
+    """Per-rank state of a torch-format checkpoint; then the slots, from the shards."""
+    from megatron.training.checkpointing import get_checkpoint_tracker_filename, read_metadata
+
+    args = _args()
+    layers = swiftmoe_checkpointing.moe_layers(model)
+    experts = optimizer.chained_optimizers[-1]
+    tracker = get_checkpoint_tracker_filename(load_dir) if load_dir else None
+    if tracker and Path(tracker).is_file():
+        iteration, release = read_metadata(tracker)
+        iteration_dir = _iteration_dir(load_dir, iteration) if not release else str(Path(load_dir) / "release")
+        if not (Path(iteration_dir) / ".metadata").exists():  # not a distributed checkpoint: torch format
+            pp_rank, dp_rank = _parallel_ranks()
+            load_optim = not (args.no_load_optim or args.finetune or release)
+            swiftmoe_checkpointing.load_rank_state(iteration_dir, pp_rank, dp_rank, args, layers, experts, load_optim)
+    refresh_slots(experts.shards)
+
+
+def _sharded_metadata(original):
+    @functools.wraps(original)
+    def build_sharded_state_dict_metadata(args, *rest, **kwargs):
+        metadata = original(args, *rest, **kwargs)
+        if getattr(args, "swiftmoe", False):
+            metadata["swiftmoe"] = swiftmoe_checkpointing.layout(args)
+        return metadata
+
+    return build_sharded_state_dict_metadata
+
+
+# ---------------------------------------------------------------- installation
+
+
+def install() -> None:
+    """Bind every wrapper (idempotent)."""
+    from megatron.training import arguments, checkpointing, initialize, training
+
+    if getattr(training, "_swiftmoe_installed", False):
+        return
+    _rebind([arguments], "add_megatron_arguments", _add_megatron_arguments)
+    _rebind([initialize, arguments], "validate_args", _validate_args)
+    _rebind([training], "get_model", _get_model)
+    _rebind([training], "DDP", _ddp_class)
+    _rebind([training], "get_megatron_optimizer", _get_megatron_optimizer)
+    _rebind([training], "finalize_model_grads", _finalize_model_grads)
+    _rebind([training], "train_step", _train_step)
+    _rebind([training], "training_log", _training_log)
+    _rebind([checkpointing, training], "save_checkpoint", _save_checkpoint)
+    _rebind([checkpointing, training], "load_checkpoint", _load_checkpoint)
+    _rebind([checkpointing], "_build_sharded_state_dict_metadata", _sharded_metadata)
+    try:
+        import gpt_builders  # the checkout's own module, next to pretrain_gpt.py
+    except ImportError:
+        gpt_builders = None
+    if gpt_builders is not None:
+        _rebind([gpt_builders], "get_gpt_decoder_block_spec", _block_spec)
+    training._swiftmoe_installed = True
+
+
+__all__ = ["install"]
