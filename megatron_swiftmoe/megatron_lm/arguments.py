@@ -81,6 +81,12 @@ def validate_before(args) -> None:
             "instead of partitioning the experts"
         )
         args.expert_model_parallel_size = 1
+    if getattr(args, "moe_grouped_gemm", False):
+        _notice(
+            f"--moe-grouped-gemm: SwiftMoE's slots compute with --swiftmoe-grouped-gemm "
+            f"{args.swiftmoe_grouped_gemm} (auto: one grouped GEMM over all slots on CUDA in bf16/fp16)"
+        )
+        args.moe_grouped_gemm = False  # Megatron's static grouped experts are never built
     # SwiftMoE's dispatcher applies the capacity factor per replica slot, not Megatron's layers.
     args.swiftmoe_capacity_factor = args.moe_expert_capacity_factor
     args.moe_expert_capacity_factor = None

@@ -1,0 +1,101 @@
+"""Running a Megatron-LM checkout's own ``pretrain_gpt.py`` (patched) in tests, on CPU ranks.
+
+The checkout is ``$MEGATRON_LM_DIR`` or ``../shared/megatron-lm/core_v0.16.1``, copied into a
+temporary folder and patched with ``patches/apply.sh`` (the original is never written).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TREES = REPO.parent / "shared" / "megatron-lm"
+TIMEOUT_S = 600
+
+#: What a laptop run of Megatron-LM needs on CPU (README, "Use with Megatron-LM").
+CPU_FLAGS = [
+    "--distributed-backend", "gloo", "--transformer-impl", "local", "--no-gradient-accumulation-fusion",
+    "--use-cpu-initialization", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion", "--no-rope-fusion", "--no-persist-layer-norm",
+]
+
+
+def tiny_moe(num_experts: int = 4, **overrides) -> list[str]:
+    """A tiny GPT-MoE on mock data, dropout 0, one log line per iteration."""
+    settings = {
+        "num-layers": 2, "hidden-size": 64, "ffn-hidden-size": 128, "num-attention-heads": 4,
+        "seq-length": 32, "max-position-embeddings": 32, "micro-batch-size": 2, "global-batch-size": 12,
+        "train-iters": 6, "lr": 1e-3, "lr-decay-style": "constant", "num-experts": num_experts,
+        "moe-router-topk": 2, "moe-aux-loss-coeff": 1e-2, "tokenizer-type": "NullTokenizer",
+        "vocab-size": 512, "split": "98,2,0", "log-interval": 1, "eval-interval": 1000, "eval-iters": 0,
+        "hidden-dropout": 0.0, "attention-dropout": 0.0, "seed": 1234,
+    }
+    settings.update(overrides)
+    flags = ["--disable-bias-linear", "--mock-data"]
+    for key, value in settings.items():
+        if value is not None:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def checkout(destination: Path, tree: str = "core_v0.16.1") -> Path:
+    """A patched copy of the Megatron-LM checkout under test."""
+    source = Path(os.environ.get("MEGATRON_LM_DIR") or SHARED_TREES / tree)
+    target = destination / source.name
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+    for path in target.rglob("*"):
+        if path.is_file():
+            path.chmod(path.stat().st_mode | 0o200)
+    subprocess.run(["bash", str(REPO / "patches" / "apply.sh"), str(target)], check=True, capture_output=True)
+    return target
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+
+    @property
+    def losses(self) -> dict[int, float]:
+        """Per-iteration lm loss from Megatron's log lines.
+
+        Megatron does not reset its loss accumulator after a run's first logged iteration, so
+        with ``--log-interval 1`` the second line shows the mean of the first two; undone here.
+        """
+        lines = re.findall(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)", self.output)
+        losses = {int(i): float(v) for i, v in lines}
+        first = min(losses, default=0)
+        if first + 1 in losses:
+            losses[first + 1] = 2 * losses[first + 1] - losses[first]
+        return losses
+
+    @property
+    def load_lines(self) -> list[str]:
+        return re.findall(r"^ moe layer .*$", self.output, re.M)
+
+
+def launch(tree: Path, nproc: int, *flags: str, timeout: int = TIMEOUT_S) -> Run:
+    """``torchrun --standalone --nproc-per-node nproc pretrain_gpt.py CPU_FLAGS flags``."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+        "pretrain_gpt.py", *CPU_FLAGS, *flags,
+    ]
+    done = subprocess.run(command, cwd=tree, env=environment(tree), capture_output=True, text=True, timeout=timeout)
+    return Run(done.returncode, done.stdout + done.stderr)
+
+
+def environment(tree: Path) -> dict[str, str]:
+    """The checkout first on the path (as when its scripts run), then this project."""
+    path = os.pathsep.join([str(tree), str(REPO), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def assert_ok(run: Run, what: str = "run") -> Run:
+    assert run.returncode == 0, f"{what} failed (rc {run.returncode}):\n{run.output[-6000:]}"
+    return run
