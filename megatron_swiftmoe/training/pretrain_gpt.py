@@ -48,7 +48,14 @@ def initialize_distributed(args: argparse.Namespace) -> None:
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(expert_model_parallel_size=1 if args.swiftmoe else args.world_size)
-    compat.manual_seed(args.seed)
+
+
+def set_random_seed(seed: int) -> None:
+    """Megatron-LM's ``_set_random_seed`` (TP = PP = 1): Python, numpy, torch and Megatron's
+    model-parallel RNG tracker, the same seed on every data-parallel rank."""
+    random.seed(seed)
+    np.random.seed(seed)
+    compat.manual_seed(seed)
 
 
 def log0(*values: Any) -> None:
@@ -154,6 +161,7 @@ class Trainer:
         vocab_size, self.train_data, self.valid_data = build_data(args)
         args.padded_vocab_size = padded_vocab_size(vocab_size, args)
         self.config = transformer_config_from_args(args)
+        set_random_seed(args.seed)  # Megatron's initialisation draws from these generators (and the tracker)
         self.model = build_model(args, self.config, args.padded_vocab_size).to(self.device)
         scaler = (
             DynamicLossScaler(args.initial_loss_scale, args.loss_scale_window, args.min_loss_scale)
@@ -177,6 +185,10 @@ class Trainer:
         self.moe_layers = moe_layers(self.model)
         self.monitor = MoELoadMonitor(self.moe_layers)
         self.iteration = 0
+        # The weights come from name-keyed seeds (model.py), but building SwiftMoE and stock MoE
+        # layers draws differently from the generators: seed them again, so that both strategies
+        # draw the same dropout masks.
+        set_random_seed(args.seed)
         if args.load:
             self.load()
         self.metrics = MetricsWriter(args, enabled=dist.get_rank() == 0, resume=self.iteration > 0)
