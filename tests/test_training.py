@@ -89,8 +89,9 @@ def test_swiftmoe_and_static_baseline_train_identically(dataset, tmp_path, ranks
 
 
 def test_resume_continues_exactly(dataset, tmp_path):
+    # With dropout: the checkpoint's RNG states (stored as tensors and plain lists) must continue the masks.
     flags = [*dataset, *model_flags(4, 3), "--swiftmoe", "--global-batch-size", "8", "--train-iters", "10",
-             "--eval-interval", "5", "--eval-iters", "1"]
+             "--eval-interval", "5", "--eval-iters", "1", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
     whole = pretrain(tmp_path, "whole", 2, *flags)
     checkpoint = str(tmp_path / "ckpt")
     first = pretrain(tmp_path, "resumed", 2, *flags, "--save", checkpoint, "--save-interval", "5", "--exit-interval", "5")
