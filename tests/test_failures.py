@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -46,39 +47,52 @@ class Rank:
     out: str  # stdout + stderr
 
 
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM (torchrun then stops its workers, which run in sessions of their own), SIGKILL if need be."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _run(commands: list[list[str]], envs: list[dict[str, str]], logs: list[Path]) -> tuple[list[int], float]:
+    """Start every command (output to its log file), wait for all; their exit codes and the wall time."""
+    start = time.monotonic()
+    processes = []
+    for command, env, log in zip(commands, envs, logs):
+        with open(log, "w") as out:
+            processes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                                              start_new_session=True))
+    try:
+        for process in processes:
+            process.wait(timeout=max(1.0, TIMEOUT_S - (time.monotonic() - start)))
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            _stop(process)
+        pytest.fail(f"hang: still running after {TIMEOUT_S}s:\n" + "\n".join(log.read_text()[-2000:] for log in logs))
+    return [process.returncode for process in processes], time.monotonic() - start
+
+
 def launch(tmp_path: Path, ranks: int, *argv: str) -> tuple[list[Rank], float]:
     """Run ``python ARGV`` as ``ranks`` independent processes; every rank's result and the wall time."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     logs = [tmp_path / f"rank{r}_{time.monotonic_ns()}.log" for r in range(ranks)]
-    start = time.monotonic()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, *argv], stdout=open(logs[r], "w"), stderr=subprocess.STDOUT, cwd=ROOT,
-            env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(port)),
-        )
-        for r in range(ranks)
-    ]
-    try:
-        for process in processes:
-            process.wait(timeout=max(1.0, TIMEOUT_S - (time.monotonic() - start)))
-    except subprocess.TimeoutExpired:
-        for process in processes:
-            process.kill()
-        pytest.fail(f"hang: ranks still running after {TIMEOUT_S}s:\n" + "\n".join(log.read_text()[-2000:] for log in logs))
-    return [Rank(p.returncode, log.read_text()) for p, log in zip(processes, logs)], time.monotonic() - start
+    envs = [_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(port)) for r in range(ranks)]
+    codes, elapsed = _run([[sys.executable, *argv]] * ranks, envs, logs)
+    return [Rank(code, log.read_text()) for code, log in zip(codes, logs)], elapsed
 
 
-def torchrun(ranks: int, *argv: str) -> tuple[subprocess.CompletedProcess, float]:
+def torchrun(tmp_path: Path, ranks: int, *argv: str) -> tuple[Rank, float]:
+    """``torchrun --nproc-per-node RANKS ARGV``: its exit code and output, and the wall time."""
+    log = tmp_path / f"torchrun_{time.monotonic_ns()}.log"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks), *argv]
-    start = time.monotonic()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT, env=_env())
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"hang: torchrun still running after {TIMEOUT_S}s:\n{(error.stdout or b'')[-3000:]!r}")
-    return done, time.monotonic() - start
+    (code,), elapsed = _run([command], [_env()], [log])
+    return Rank(code, log.read_text()), elapsed
 
 
 def records(path: Path) -> list[dict]:
@@ -93,9 +107,9 @@ def saved(tmp_path_factory):
     def get(ranks: int) -> tuple[Path, list[dict]]:
         if ranks not in runs:
             base = tmp_path_factory.mktemp(f"saved{ranks}")
-            done, _ = torchrun(ranks, *PROGRAM, *tiny(ranks), "--train-iters", "4", "--save", str(base / "ckpt"),
+            done, _ = torchrun(base, ranks, *PROGRAM, *tiny(ranks), "--train-iters", "4", "--save", str(base / "ckpt"),
                                "--save-interval", "2", "--metrics-path", str(base / "metrics.jsonl"))
-            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+            assert done.returncode == 0, done.out[-3000:]
             runs[ranks] = base / "ckpt", records(base / "metrics.jsonl")
         return runs[ranks]
 
@@ -152,10 +166,10 @@ def test_load_fallback_resumes_exactly_from_the_older_checkpoint(saved, tmp_path
 
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_exception_on_one_rank_ends_the_job_under_torchrun(tmp_path, ranks):
-    done, elapsed = torchrun(ranks, *INJECT, str(ranks - 1), "2", "raise", "--", *tiny(ranks), "--train-iters", "6",
+    done, elapsed = torchrun(tmp_path, ranks, *INJECT, str(ranks - 1), "2", "raise", "--", *tiny(ranks), "--train-iters", "6",
                              "--metrics-path", str(tmp_path / "metrics.jsonl"))
-    assert done.returncode != 0 and elapsed < BOUND_S
-    assert f"RuntimeError: injected fault on rank {ranks - 1} at iteration 2" in done.stdout + done.stderr
+    assert done.returncode != 0 and elapsed < BOUND_S, done.out[-3000:]
+    assert f"RuntimeError: injected fault on rank {ranks - 1} at iteration 2" in done.out
 
 
 @pytest.mark.parametrize("ranks", [2, 3])
@@ -172,9 +186,9 @@ def test_exception_on_one_rank_ends_every_rank_without_a_launcher(tmp_path, rank
 
 
 def test_unresponsive_rank_ends_the_job_after_the_timeout(tmp_path):
-    done, elapsed = torchrun(2, *INJECT, "1", "2", "hang", "--", *tiny(2), "--train-iters", "6",
+    done, elapsed = torchrun(tmp_path, 2, *INJECT, "1", "2", "hang", "--", *tiny(2), "--train-iters", "6",
                              "--distributed-timeout-minutes", "0.25", "--metrics-path", str(tmp_path / "metrics.jsonl"))
-    output = done.stdout + done.stderr
+    output = done.out
     assert done.returncode != 0 and elapsed < BOUND_S, output[-3000:]
     assert "rank 1 stops answering at iteration 2" in output
     assert "error: rank 0: a collective operation failed" in output and "--distributed-timeout-minutes (0.25)" in output
