@@ -185,7 +185,8 @@ def test_code_running_pickle_is_refused(tmp_path):
     root, marker = tmp_path / "ckpt", tmp_path / "marker"
     r = run_distributed(code_running_pickle_worker, 1, str(root), str(marker), tmp_path=tmp_path)
     assert r["message"] is not None and "refusing to load" in r["message"]
-    assert "rank_00000.pt (rank 0's file of iteration 3)" in r["message"] and "Unsupported global: GLOBAL exec" in r["message"]
+    assert "rank_00000.pt (rank 0's file of iteration 3)" in r["message"]
+    assert "Unsupported global: GLOBAL exec" in r["message"]
     assert not r["ran_during_load"] and not marker.exists()
     # The payload is live: an unrestricted unpickler runs it.
     torch.load(root / "iter_0000003" / "rank_00000.pt", weights_only=False)

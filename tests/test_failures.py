@@ -166,8 +166,8 @@ def test_load_fallback_resumes_exactly_from_the_older_checkpoint(saved, tmp_path
 
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_exception_on_one_rank_ends_the_job_under_torchrun(tmp_path, ranks):
-    done, elapsed = torchrun(tmp_path, ranks, *INJECT, str(ranks - 1), "2", "raise", "--", *tiny(ranks), "--train-iters", "6",
-                             "--metrics-path", str(tmp_path / "metrics.jsonl"))
+    done, elapsed = torchrun(tmp_path, ranks, *INJECT, str(ranks - 1), "2", "raise", "--", *tiny(ranks),
+                             "--train-iters", "6", "--metrics-path", str(tmp_path / "metrics.jsonl"))
     assert done.returncode != 0 and elapsed < BOUND_S, done.out[-3000:]
     assert f"RuntimeError: injected fault on rank {ranks - 1} at iteration 2" in done.out
 

@@ -125,7 +125,8 @@ def save_checkpoint(root: str | Path, iteration: int, args, state: dict[str, Any
     def commit() -> None:
         if rank != 0:
             return
-        metadata = {**_metadata(args, iteration), "files": {_rank_file(staging, r).name: f for r, f in enumerate(files)}}
+        names = [_rank_file(staging, r).name for r in range(len(files))]
+        metadata = {**_metadata(args, iteration), "files": dict(zip(names, files))}
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=1))
         _fsync_file(staging / "metadata.json")
         replaced = final.with_name(final.name + ".old.tmp")
@@ -270,7 +271,8 @@ def load_checkpoint(root: str | Path, args, fallback: bool = False) -> tuple[int
     failures = [] if problem is None else [problem]
     for iteration in candidates:
         try:
-            state = agree(f"--load {root}: loading iteration {iteration}", lambda: _read_rank_file(root, iteration, args))
+            state = agree(f"--load {root}: loading iteration {iteration}",
+                          lambda: _read_rank_file(root, iteration, args))
         except AgreedError as error:
             if not fallback:
                 hint = (f"--load-fallback resumes from the newest older checkpoint that verifies (complete older "
@@ -283,5 +285,6 @@ def load_checkpoint(root: str | Path, args, fallback: bool = False) -> tuple[int
             continue
         return iteration, state
     if failures:
-        raise AgreedError(f"--load {root} --load-fallback: no complete checkpoint verifies:\n  " + "\n  ".join(failures))
+        raise AgreedError(f"--load {root} --load-fallback: no complete checkpoint verifies:\n  "
+                          + "\n  ".join(failures))
     return None
