@@ -26,7 +26,8 @@ setup(
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
-        "test": ["pytest>=8", "hypothesis>=6"],
+        # matplotlib: tests/test_reproduce.py checks the report's loss-curve PNG.
+        "test": ["pytest>=8", "hypothesis>=6", "matplotlib"],
         # GPU clusters only (need CUDA to build/run); apex is built from source, see README.
         "gpu": ["transformer-engine[pytorch]"],
     },

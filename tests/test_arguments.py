@@ -162,7 +162,7 @@ def test_bias_flags():
 def test_help_renders():
     text = A.build_parser().format_help()
     for title in ["network size", "regularization and optimizer", "training", "learning rate", "moe",
-                  "mixed precision", "data", "checkpointing", "logging",
+                  "mixed precision", "data", "checkpointing", "distributed", "logging",
                   "SwiftMoE: per-iteration expert replication"]:
         assert title + ":" in text
     assert "--swiftmoe-slots-per-rank" in text and "Defaults that differ from Megatron-LM" in text
@@ -299,6 +299,8 @@ def test_required_flags(capsys):
         (["--moe-layer-freq", "[0,0]"], 2, "--moe-layer-freq makes no layer an MoE layer"),
         (["--save-interval", "10"], 2, "--save-interval needs --save"),
         (["--finetune"], 2, "--finetune needs --load"),
+        (["--load-fallback"], 2, "--load-fallback needs --load"),
+        (["--distributed-timeout-minutes", "0"], 2, "--distributed-timeout-minutes must be > 0 (got 0.0)"),
         (["--tokenizer-type", "NullTokenizer", "--data-path", "x", "--vocab-size", "9", "--tokenizer-model", "y"], 2, "--tokenizer-model is for SentencePieceTokenizer"),
         (["--tokenizer-type", "NullTokenizer", "--data-path", "x"], 2, "--tokenizer-type NullTokenizer needs --vocab-size"),
         (["--tokenizer-type", "NullTokenizer"], 2, "--tokenizer-type NullTokenizer cannot tokenize the built-in text corpus"),
@@ -324,6 +326,12 @@ def test_load_must_exist(tmp_path, capsys):
     missing = tmp_path / "nope"
     assert f"--load {missing}: no such directory" in parse_error(capsys, [*BASE, "--load", str(missing)])
     assert parse("--load", str(tmp_path), "--finetune").finetune
+    assert parse("--load", str(tmp_path), "--load-fallback").load_fallback
+
+
+def test_distributed_timeout():
+    assert parse().distributed_timeout_minutes == 10  # Megatron-LM's default
+    assert parse("--distributed-timeout-minutes", "0.5").distributed_timeout_minutes == 0.5
 
 
 def test_validate_args_raises_value_error():

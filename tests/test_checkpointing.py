@@ -1,17 +1,21 @@
-"""Checkpoint writes are atomic and bad checkpoints fail with a clear reason."""
+"""Checkpoint writes are atomic; bad checkpoints fail with a clear reason, the same on every rank."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+import torch.distributed as dist
+
+from megatron_swiftmoe.training.agreement import AgreedError
 from megatron_swiftmoe.training.checkpointing import (
     MUST_MATCH,
     TRACKER,
-    CheckpointError,
     latest_iteration,
     load_checkpoint,
     save_checkpoint,
@@ -34,21 +38,27 @@ class FailsHalfwayThroughPickling:
 
 
 def interrupted_save_worker(rank: int, world_size: int, root: str) -> dict:
-    save_checkpoint(root, 10, _args(), {"weights": torch.arange(1000.0)})
-    try:
-        save_checkpoint(root, 20, _args(), {"weights": torch.zeros(100_000), "boom": FailsHalfwayThroughPickling()})
-    except RuntimeError:
-        pass
-    iteration, state = load_checkpoint(root, _args())
+    args = _args(world_size=world_size)
+    save_checkpoint(root, 10, args, {"weights": torch.arange(1000.0) + rank})
+    try:  # the last rank dies while writing its file; the others write theirs
+        dying = {"boom": FailsHalfwayThroughPickling()} if rank == world_size - 1 else {}
+        save_checkpoint(root, 20, args, {"weights": torch.zeros(100_000), **dying})
+        failure = None
+    except AgreedError as error:
+        failure = str(error)
+    iteration, state = load_checkpoint(root, args)
     leftovers = sorted(p.name for p in Path(root).iterdir())
-    save_checkpoint(root, 30, _args(), {"weights": torch.ones(3)})  # the next good save cleans up
-    return dict(iteration=iteration, weights=state["weights"], leftovers=leftovers,
+    save_checkpoint(root, 30, args, {"weights": torch.ones(3)})  # the next good save cleans up
+    return dict(iteration=iteration, weights=state["weights"], leftovers=leftovers, failure=failure,
                 after=sorted(p.name for p in Path(root).iterdir()), latest=latest_iteration(root))
 
 
-def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, world_size):
     root = tmp_path / "ckpt"
-    r = run_distributed(interrupted_save_worker, 1, str(root), tmp_path=tmp_path)
+    r = run_distributed(interrupted_save_worker, world_size, str(root), tmp_path=tmp_path)
+    assert r["failure"] is not None and f"failed on rank {world_size - 1}" in r["failure"]
+    assert "killed while writing" in r["failure"]  # rank 0 raised the last rank's error
     assert r["iteration"] == 10
     assert torch.equal(r["weights"], torch.arange(1000.0))
     assert "iter_0000020.tmp" in r["leftovers"] and "iter_0000020" not in r["leftovers"]
@@ -56,24 +66,38 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path):
     assert r["after"] == ["iter_0000010", "iter_0000030", TRACKER]
 
 
+def resave_worker(rank: int, world_size: int, root: str) -> dict:
+    save_checkpoint(root, 5, _args(), {"weights": torch.zeros(3)})
+    save_checkpoint(root, 5, _args(), {"weights": torch.ones(3)})  # e.g. a --finetune run saving into --load
+    iteration, state = load_checkpoint(root, _args())
+    return dict(iteration=iteration, weights=state["weights"], names=sorted(p.name for p in Path(root).iterdir()))
+
+
+def test_resaving_an_iteration_replaces_it(tmp_path):
+    r = run_distributed(resave_worker, 1, str(tmp_path / "ckpt"), tmp_path=tmp_path)
+    assert r["iteration"] == 5 and torch.equal(r["weights"], torch.ones(3))
+    assert r["names"] == ["iter_0000005", TRACKER]
+
+
+def _load_message(root: Path, args=None, **kwargs) -> str | None:
+    try:
+        load_checkpoint(root, args or _args(), **kwargs)
+        return None
+    except AgreedError as error:
+        return str(error)
+
+
 def bad_checkpoint_worker(rank: int, world_size: int, root: str) -> dict:
     root = Path(root)
     messages = {}
     save_checkpoint(root, 5, _args(), {"weights": torch.ones(2)})
-
-    def attempt(name, args=None):
-        try:
-            load_checkpoint(root, args or _args())
-            messages[name] = None
-        except CheckpointError as error:
-            messages[name] = str(error)
-
-    attempt("other_shape", _args(hidden_size=2, world_size=2))
+    messages["other_shape"] = _load_message(root, _args(hidden_size=2, world_size=2), fallback=True)
     rank_file = root / "iter_0000005" / "rank_00000.pt"
     rank_file.write_bytes(rank_file.read_bytes()[:40])
-    attempt("truncated")
+    messages["truncated"] = _load_message(root)
     (root / TRACKER).write_text("five")
-    attempt("bad_tracker")
+    messages["bad_tracker"] = _load_message(root)
+    messages["bad_tracker_fallback"] = _load_message(root, fallback=True)
     messages["empty_dir"] = load_checkpoint(root / "nothing", _args())
     return messages
 
@@ -82,6 +106,88 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     m = run_distributed(bad_checkpoint_worker, 1, str(tmp_path / "ckpt"), tmp_path=tmp_path)
     assert "hidden_size: checkpoint 1 vs now 2" in m["other_shape"]
     assert "world_size: checkpoint 1 vs now 2" in m["other_shape"]
-    assert "rank_00000.pt" in m["truncated"] and "corrupt" in m["truncated"]
-    assert "corrupt" in m["bad_tracker"]
+    assert "fallback" not in m["other_shape"]  # another run's directory: falling back cannot help
+    assert "rank_00000.pt (rank 0's file of iteration 5) is truncated" in m["truncated"]
+    assert "corrupt" in m["truncated"] and "no older checkpoint" in m["truncated"]
+    assert "corrupt" in m["bad_tracker"] and "--load-fallback" in m["bad_tracker"]
+    # The fallback tries iteration 5's directory, whose file is still truncated.
+    assert "no complete checkpoint verifies" in m["bad_tracker_fallback"]
+    assert "iteration 5" in m["bad_tracker_fallback"] and "truncated" in m["bad_tracker_fallback"]
     assert m["empty_dir"] is None
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "truncated":
+        os.truncate(path, path.stat().st_size // 2)
+    elif how == "deleted":
+        path.unlink()
+    else:  # one flipped byte: same size, wrong checksum
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+DAMAGES = {"truncated": "is truncated", "deleted": "is missing", "checksum": "wrong checksum"}
+
+
+def damaged_rank_file_worker(rank: int, world_size: int, root: str) -> dict:
+    """For each damage of the last rank's newest file: every rank's error, and what --load-fallback loads."""
+    pristine, args, victim = Path(root) / "pristine", _args(world_size=world_size), world_size - 1
+    for iteration in (2, 4):
+        save_checkpoint(pristine, iteration, args, {"weights": torch.full((1000,), 100.0 * rank + iteration)})
+    results = {}
+    for how in DAMAGES:
+        copy = Path(root) / how
+        if rank == 0:
+            shutil.copytree(pristine, copy)
+            _damage(copy / "iter_0000004" / f"rank_{victim:05d}.pt", how)
+        dist.barrier()
+        strict = _load_message(copy, args)
+        iteration, state = load_checkpoint(copy, args, fallback=True)
+        seen: list = [None] * world_size
+        dist.all_gather_object(seen, (strict, iteration, float(state["weights"][0])))
+        results[how] = seen
+    return results
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_damaged_rank_file_fails_on_every_rank(tmp_path, world_size):
+    results = run_distributed(damaged_rank_file_worker, world_size, str(tmp_path), tmp_path=tmp_path)
+    victim = world_size - 1
+    for how, seen in results.items():
+        message = seen[0][0]
+        assert all(strict == message for strict, _, _ in seen), (how, "every rank raises the same error")
+        assert f"iter_0000004/rank_{victim:05d}.pt (rank {victim}'s file of iteration 4)" in message, how
+        assert DAMAGES[how] in message, how
+        assert "--load-fallback resumes from the newest older checkpoint" in message, how
+        assert "iterations here: 2" in message, how
+        # --load-fallback: every rank resumes from iteration 2, with its own state.
+        assert [(i, w) for _, i, w in seen] == [(2, 100.0 * r + 2) for r in range(world_size)], how
+
+
+class RunsCode:
+    """A pickle whose loading runs code (here: it creates a file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def code_running_pickle_worker(rank: int, world_size: int, root: str, marker: str) -> dict:
+    # Saved by our own save_checkpoint: the size and checksum in metadata.json are right.
+    save_checkpoint(root, 3, _args(), {"weights": torch.ones(2), "payload": RunsCode(Path(marker))})
+    return dict(message=_load_message(Path(root)), ran_during_load=os.path.exists(marker))
+
+
+def test_code_running_pickle_is_refused(tmp_path):
+    root, marker = tmp_path / "ckpt", tmp_path / "marker"
+    r = run_distributed(code_running_pickle_worker, 1, str(root), str(marker), tmp_path=tmp_path)
+    assert r["message"] is not None and "refusing to load" in r["message"]
+    assert "rank_00000.pt (rank 0's file of iteration 3)" in r["message"]
+    assert "Unsupported global: GLOBAL exec" in r["message"]
+    assert not r["ran_during_load"] and not marker.exists()
+    # The payload is live: an unrestricted unpickler runs it.
+    torch.load(root / "iter_0000003" / "rank_00000.pt", weights_only=False)
+    assert marker.read_text() == "ran"

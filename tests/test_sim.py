@@ -247,7 +247,7 @@ def test_trace_loading_errors(tmp_path):
 
 def test_shape_mismatches_are_explained():
     trace = Trace.from_tokens([[1500, 500]])
-    with pytest.raises(ValueError, match="--num-experts 2"):
+    with pytest.raises(ValueError, match="the trace has 2 experts .* pass --num-experts 2"):
         simulate(trace, toy_cluster(), toy_model(num_experts=4, batch=2), ["static"])
     with pytest.raises(ValueError, match="--global-batch-size 1024"):
         simulate(trace, get_cluster("h100-256"), toy_model(batch=64).replace(micro_batch_size=4), ["static"])
@@ -308,5 +308,10 @@ def test_cli_prints_every_strategy(tmp_path, capsys):
     assert set(result["strategies"]) == {"static", "swiftmoe"}
     assert math.isclose(result["strategies"]["static"]["speedup_vs_static"], 1.0)
 
-    assert main(["--trace", str(path), "--cluster", "paper-a100-16"]) == 2  # gpt-small: 16 experts
-    assert "--num-experts 8" in capsys.readouterr().err
+    # gpt-small has 16 experts; the trace's 8 are used unless --num-experts says otherwise.
+    assert main(["--trace", str(path), "--cluster", "paper-a100-16", "--json", "--planning-ms", "0"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["trace"]["experts"] == 8 and result["model"]["num_experts"] == 8
+    assert main(["--trace", str(path), "--cluster", "paper-a100-16", "--num-experts", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "the trace has 8 experts" in err and "omit --num-experts" in err

@@ -73,8 +73,9 @@ def test_two_rank_training_loss_falls(dataset, tmp_path):
 
 @pytest.mark.parametrize("ranks,num_experts", [(2, 4), (3, 6)])
 def test_swiftmoe_and_static_baseline_train_identically(dataset, tmp_path, ranks, num_experts):
+    # Megatron's default dropout (0.1): both strategies must draw the same dropout masks.
     flags = [*dataset, *model_flags(num_experts, 3), "--global-batch-size", str(4 * ranks), "--train-iters", "8",
-             "--eval-iters", "0"]
+             "--eval-iters", "0", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
     swift = pretrain(tmp_path, "swift", ranks, *flags, "--swiftmoe")
     static = pretrain(tmp_path, "static", ranks, *flags, "--no-swiftmoe")
     # Same math, different layout: fp32 round-off only (different summation orders).
@@ -88,8 +89,9 @@ def test_swiftmoe_and_static_baseline_train_identically(dataset, tmp_path, ranks
 
 
 def test_resume_continues_exactly(dataset, tmp_path):
+    # With dropout: the checkpoint's RNG states (stored as tensors and plain lists) must continue the masks.
     flags = [*dataset, *model_flags(4, 3), "--swiftmoe", "--global-batch-size", "8", "--train-iters", "10",
-             "--eval-interval", "5", "--eval-iters", "1"]
+             "--eval-interval", "5", "--eval-iters", "1", "--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
     whole = pretrain(tmp_path, "whole", 2, *flags)
     checkpoint = str(tmp_path / "ckpt")
     first = pretrain(tmp_path, "resumed", 2, *flags, "--save", checkpoint, "--save-interval", "5", "--exit-interval", "5")

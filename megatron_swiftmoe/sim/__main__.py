@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--config", "--model", dest="model", default="gpt-small", metavar="NAME|FILE.yaml",
                    help=f"model shape: {', '.join(MODEL_NAMES)} or a training config YAML (default: %(default)s)")
-    p.add_argument("--num-experts", type=int, help="override the config's num-experts (must match the trace)")
+    p.add_argument("--num-experts", type=int,
+                   help="experts per MoE layer (default: the trace's; a different value is an error)")
     p.add_argument("--moe-router-topk", type=int, help="override the config's top-k")
     p.add_argument("--global-batch-size", type=int, help="override the config's global batch (sequences)")
     p.add_argument("--micro-batch-size", type=int, help="override the config's micro-batch size")
@@ -62,7 +63,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         trace = load_trace(args.trace)
         cluster = get_cluster(args.cluster)
         model = load_model(
-            args.model, num_experts=args.num_experts, topk=args.moe_router_topk,
+            args.model, num_experts=trace.num_experts if args.num_experts is None else args.num_experts,
+            topk=args.moe_router_topk,
             global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
             slots_per_rank=args.slots_per_rank,
         )

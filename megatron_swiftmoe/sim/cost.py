@@ -444,7 +444,8 @@ def _validate(trace: Trace, cluster: Cluster, model: ModelShape) -> None:
     if trace.num_experts != model.num_experts:
         raise ValueError(
             f"the trace has {trace.num_experts} experts per layer but model {model.name} has {model.num_experts}: "
-            f"pass --num-experts {trace.num_experts} (or a config with {trace.num_experts} experts)")
+            f"the model must have the trace's expert count (the command line takes it from the trace: omit "
+            f"--num-experts, or pass --num-experts {trace.num_experts})")
     n, mb = cluster.num_gpus, model.micro_batch_size
     if model.global_batch_size % (n * mb):
         step = n * mb

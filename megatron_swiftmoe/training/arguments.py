@@ -448,6 +448,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Load the model weights from --load only: no optimizer or RNG state, and the "
         "iteration count restarts at 0.",
     )
+    g.add_argument(
+        "--load-fallback", action="store_true",
+        help="When the newest checkpoint under --load fails verification (a missing, truncated or "
+        "corrupt rank file), resume from the newest older complete checkpoint that verifies, the "
+        "same iteration on every rank. Without it such a checkpoint stops the run with an error.",
+    )
+
+    g = parser.add_argument_group("distributed")
+    g.add_argument(
+        "--distributed-timeout-minutes", type=float, default=10,
+        help="Timeout of collective operations: a rank waiting this long for a rank that stopped "
+        "answering exits with an error instead of waiting forever. Fractions are accepted.",
+    )
 
     g = parser.add_argument_group("logging")
     g.add_argument("--tensorboard-dir", default=None, help="Write TensorBoard logs to this directory.")
@@ -932,6 +945,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         fail(f"--load {args.load}: no such directory (omit --load to start from scratch)")
     if args.finetune and args.load is None:
         fail("--finetune needs --load (the checkpoint whose weights to start from)")
+    if args.load_fallback and args.load is None:
+        fail("--load-fallback needs --load (the directory whose checkpoints to fall back among)")
+    if not args.distributed_timeout_minutes > 0:
+        fail(f"--distributed-timeout-minutes must be > 0 (got {args.distributed_timeout_minutes})")
     if args.save_interval is not None and args.save is None:
         fail("--save-interval needs --save (the directory to save checkpoints to)")
     if args.save is not None and os.path.exists(args.save) and not os.path.isdir(args.save):

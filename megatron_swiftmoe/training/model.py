@@ -4,7 +4,9 @@ The same flags build the same initial network whether experts are replicated (Sw
 partitioned (Megatron's static expert parallelism), and on any number of ranks: every
 tensor is drawn from its own seed, keyed by its name (expert tensors by their global expert
 index), with Megatron's init distributions. So a ``--swiftmoe`` run and the baseline start
-from identical weights, and their losses can be compared step by step.
+from identical weights, and their losses can be compared step by step. (Building the two draws
+differently from the random generators; the trainer seeds them again after the build, so that
+the dropout masks are the same too.)
 """
 
 from __future__ import annotations

@@ -42,13 +42,23 @@ def initialize_distributed(args: argparse.Namespace) -> None:
         backend=compat.default_backend(),
         rank=args.rank,
         world_size=args.world_size,
-        timeout=datetime.timedelta(minutes=10),
+        timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes),
     )
     compat.apply()
     from megatron.core import parallel_state
 
-    parallel_state.initialize_model_parallel(expert_model_parallel_size=1 if args.swiftmoe else args.world_size)
-    compat.manual_seed(args.seed)
+    parallel_state.initialize_model_parallel(
+        expert_model_parallel_size=1 if args.swiftmoe else args.world_size,
+        distributed_timeout_minutes=args.distributed_timeout_minutes,
+    )
+
+
+def set_random_seed(seed: int) -> None:
+    """Megatron-LM's ``_set_random_seed`` (TP = PP = 1): Python, numpy, torch and Megatron's
+    model-parallel RNG tracker, the same seed on every data-parallel rank."""
+    random.seed(seed)
+    np.random.seed(seed)
+    compat.manual_seed(seed)
 
 
 def log0(*values: Any) -> None:
@@ -108,11 +118,13 @@ def masked_mean_loss(loss_mask: torch.Tensor, losses: torch.Tensor):
 
 
 def rng_state() -> dict[str, Any]:
+    """Every generator's state, as tensors and plain containers (checkpoints load with weights_only)."""
     from megatron.core import tensor_parallel
 
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [name, keys.tolist(), position, has_gauss, cached_gaussian],
         "torch": torch.get_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
@@ -125,7 +137,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
     if torch.cuda.is_available() and "cuda" in state:
@@ -142,6 +155,7 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megatron_swiftmoe.training.agreement import agree
         from megatron_swiftmoe.training.arguments import padded_vocab_size, print_args, transformer_config_from_args
         from megatron_swiftmoe.training.model import build_model, moe_layers
         from megatron_swiftmoe.training.monitor import MetricsWriter, MoELoadMonitor
@@ -154,6 +168,7 @@ class Trainer:
         vocab_size, self.train_data, self.valid_data = build_data(args)
         args.padded_vocab_size = padded_vocab_size(vocab_size, args)
         self.config = transformer_config_from_args(args)
+        set_random_seed(args.seed)  # Megatron's initialisation draws from these generators (and the tracker)
         self.model = build_model(args, self.config, args.padded_vocab_size).to(self.device)
         scaler = (
             DynamicLossScaler(args.initial_loss_scale, args.loss_scale_window, args.min_loss_scale)
@@ -177,9 +192,14 @@ class Trainer:
         self.moe_layers = moe_layers(self.model)
         self.monitor = MoELoadMonitor(self.moe_layers)
         self.iteration = 0
+        # The weights come from name-keyed seeds (model.py), but building SwiftMoE and stock MoE
+        # layers draws differently from the generators: seed them again, so that both strategies
+        # draw the same dropout masks.
+        set_random_seed(args.seed)
         if args.load:
             self.load()
-        self.metrics = MetricsWriter(args, enabled=dist.get_rank() == 0, resume=self.iteration > 0)
+        resume = self.iteration > 0
+        self.metrics = agree("opening the metrics", lambda: MetricsWriter(args, dist.get_rank() == 0, resume))
         num_params = sum(p.numel() for p in self.model.parameters())
         log0(f"> model: {num_params / 1e6:.2f}M parameters on this rank, "
              f"{'SwiftMoE' if args.swiftmoe else 'static expert parallelism'}, "
@@ -206,30 +226,34 @@ class Trainer:
         log0(f"> saved checkpoint {path} ({time.time() - start:.1f}s)")
 
     def load(self) -> None:
-        from megatron_swiftmoe.training.checkpointing import CheckpointError, load_checkpoint
+        from megatron_swiftmoe.training.agreement import agree
+        from megatron_swiftmoe.training.checkpointing import load_checkpoint
         from megatron_swiftmoe.training.model import unwrap
 
-        try:
-            loaded = load_checkpoint(self.args.load, self.args)
-        except CheckpointError as error:
-            raise SystemExit(f"error: --load {self.args.load}: {error}") from error
+        args = self.args
+        loaded = load_checkpoint(args.load, args, fallback=args.load_fallback)
         if loaded is None:
-            log0(f"> --load {self.args.load}: no checkpoint there yet, starting from scratch")
+            log0(f"> --load {args.load}: no checkpoint there yet, starting from scratch")
             return
         iteration, state = loaded
-        unwrap(self.model).load_state_dict(state["model"])
-        optimizer_state = state["optimizer"]
-        if self.args.finetune or self.args.no_load_optim:
-            # SwiftMoE's expert weights live in the master shards: keep them, reset AdamW.
-            optimizer_state = {**optimizer_state, "adamw": self.optimizer.adamw.state_dict(), "loss_scaler": None}
-        self.optimizer.load_state_dict(optimizer_state)
-        if not self.args.finetune:
+
+        def restore() -> None:
+            unwrap(self.model).load_state_dict(state["model"])
+            optimizer_state = state["optimizer"]
+            if args.finetune or args.no_load_optim:
+                # SwiftMoE's expert weights live in the master shards: keep them, reset AdamW.
+                optimizer_state = {**optimizer_state, "adamw": self.optimizer.adamw.state_dict(), "loss_scaler": None}
+            self.optimizer.load_state_dict(optimizer_state)
+            if not args.finetune:
+                self.scheduler.load_state_dict(state["scheduler"])
+                if not args.no_load_rng:
+                    set_rng_state(state["rng"])
+
+        agree(f"--load {args.load}: restoring iteration {iteration}", restore)
+        if not args.finetune:
             self.iteration = iteration
-            self.scheduler.load_state_dict(state["scheduler"])
-            if not self.args.no_load_rng:
-                set_rng_state(state["rng"])
-        log0(f"> loaded checkpoint {self.args.load} at iteration {iteration}"
-             + (" (finetune: iteration reset to 0)" if self.args.finetune else ""))
+        log0(f"> loaded checkpoint {args.load} at iteration {iteration}"
+             + (" (finetune: iteration reset to 0)" if args.finetune else ""))
 
     # ---- steps
 
@@ -340,6 +364,7 @@ class Trainer:
                 log0(load_line(index, layer))
 
     def train(self) -> None:
+        from megatron_swiftmoe.training.agreement import AgreedError, agree
         from megatron_swiftmoe.training.monitor import Progress
 
         args = self.args
@@ -348,9 +373,9 @@ class Trainer:
         log0(f"> training from iteration {self.iteration} to {args.train_iters}")
         while self.iteration < args.train_iters:
             record = self.train_step()
-            if not math.isfinite(record["lm_loss"]):
-                raise SystemExit(f"error: lm loss is {record['lm_loss']} at iteration {record['iteration']}; "
-                                 "lower --lr or use --clip-grad")
+            if not math.isfinite(record["lm_loss"]):  # all-reduced: every rank stops here
+                raise AgreedError(f"lm loss is {record['lm_loss']} at iteration {record['iteration']}; "
+                                  "lower --lr or use --clip-grad")
             window.append(record)
             progress.clear()
             if args.eval_iters and self.valid_data is not None and self.iteration % args.eval_interval == 0:
@@ -367,7 +392,7 @@ class Trainer:
         progress.clear()
         if args.save and (not args.save_interval or self.iteration % args.save_interval):
             self.save()
-        self.metrics.close()
+        agree("closing the metrics", self.metrics.close)  # rank 0's file: the last step that can fail on one rank
         log0(f"> done: {self.iteration} iterations; metrics in {args.metrics_path}")
 
 
@@ -386,17 +411,38 @@ def quiet_megatron_notices() -> None:
     logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_NoUnknownMlp())
 
 
+def is_collective_failure(error: BaseException) -> bool:
+    """A collective that timed out or lost a peer (NCCL: DistError; gloo: its transport's RuntimeError)."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "gloo" in str(error))
+
+
 def main(argv: list[str] | None = None) -> None:
     quiet_megatron_notices()
+    from megatron_swiftmoe.training.agreement import AgreedError
     from megatron_swiftmoe.training.arguments import parse_args
 
     args = parse_args(argv)  # every setting is checked before any process-group work
     initialize_distributed(args)
     try:
         Trainer(args).train()
-    finally:
-        dist.barrier()
+    except AgreedError as error:  # raised on every rank at once: print it once, every rank exits non-zero
+        if dist.get_rank() == 0:
+            print(f"error: {error}", file=sys.stderr, flush=True)
         dist.destroy_process_group()
+        sys.exit(1)
+    except Exception as error:
+        # This rank alone: no collective here (the others may be waiting in one, or gone). Exit now;
+        # torchrun ends the other ranks, or their collective fails or times out.
+        if not is_collective_failure(error):
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: rank {dist.get_rank()}: a collective operation failed: {message}\n"
+              "  Another rank has most likely failed first (see its error) or stopped answering: a rank waits "
+              f"for the others at most --distributed-timeout-minutes ({args.distributed_timeout_minutes:g}).",
+              file=sys.stderr, flush=True)
+        sys.exit(1)
+    # Every rank has passed its last collective (the agreement at the end of training).
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
