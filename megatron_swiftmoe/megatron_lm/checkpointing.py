@@ -21,15 +21,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Optional
-
 import torch
-import torch.distributed as dist
 
 from megatron_swiftmoe.core.layer import SwiftMoELayer
+from megatron_swiftmoe.training.agreement import ExplainedError, agree
 
 
-class SwiftMoECheckpointError(RuntimeError):
+class SwiftMoECheckpointError(ExplainedError):
     """A SwiftMoE checkpoint that cannot be loaded, with the reason and the fix."""
 
 
@@ -93,28 +91,11 @@ def read_rank_state(iteration_dir: str | Path, pp_rank: int, dp_rank: int, args)
     return state
 
 
-def agree(error: Optional[str], group: Optional[dist.ProcessGroup] = None) -> None:
-    """Every rank reports ``error`` (None: success); all raise the first failure's message.
-
-    Collective, in the normal path: a rank whose load failed reaches it like the others, so no
-    rank waits forever in a later collective.
-    """
-    errors = [None] * dist.get_world_size(group)
-    dist.all_gather_object(errors, (dist.get_rank(), error), group=group)
-    failures = [(rank, message) for rank, message in errors if message is not None]
-    if failures:
-        rank, message = failures[0]
-        raise SwiftMoECheckpointError(f"rank {rank}: {message}")
-
-
 @torch.no_grad()
 def load_rank_state(iteration_dir, pp_rank: int, dp_rank: int, args, layers: list, optimizer, load_optim: bool) -> None:
-    """Read back :func:`save_rank_state` on every rank (all ranks agree first)."""
-    try:
-        state, error = read_rank_state(iteration_dir, pp_rank, dp_rank, args), None
-    except SwiftMoECheckpointError as failure:
-        state, error = None, str(failure)
-    agree(error)
+    """Read back :func:`save_rank_state` on every rank (all ranks agree first: collective)."""
+    state = agree("loading SwiftMoE's per-rank checkpoint state",
+                  lambda: read_rank_state(iteration_dir, pp_rank, dp_rank, args))
     for layer, shard in zip(layers, state["expert_shards"]):
         layer.expert_shard.copy_(shard)
     if load_optim:

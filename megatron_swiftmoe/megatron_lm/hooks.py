@@ -35,6 +35,7 @@ from megatron_swiftmoe.core.layer import swiftmoe_spec
 from megatron_swiftmoe.megatron_lm import arguments as swiftmoe_arguments
 from megatron_swiftmoe.megatron_lm import checkpointing as swiftmoe_checkpointing
 from megatron_swiftmoe.megatron_lm.optimizer import chain_with_experts, refresh_slots
+from megatron_swiftmoe.training.agreement import AgreedError
 
 
 class _State:
@@ -79,7 +80,7 @@ def _slots_hidden(model_chunks):
             param.requires_grad_(True)
 
 
-def _exit_cleanly(error: swiftmoe_checkpointing.SwiftMoECheckpointError):
+def _exit_cleanly(error: Exception):
     """Every rank got the same agreed error: print it once (rank 0) and stop every rank."""
     if torch.distributed.get_rank() == 0:
         print(f"error: {error}", file=sys.stderr, flush=True)
@@ -262,7 +263,7 @@ def _load_checkpoint(original):
         if _active():
             try:
                 _after_load(ddp_model, optimizer, getattr(_args(), load_arg))
-            except swiftmoe_checkpointing.SwiftMoECheckpointError as error:
+            except AgreedError as error:
                 _exit_cleanly(error)
         return result
 
