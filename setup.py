@@ -16,8 +16,9 @@ setup(
     install_requires=[
         # A range the CPU build on disk (2.13.0) satisfies, so pip never pulls a CUDA build over it.
         "torch>=2.6",
-        # 0.17+ needs Python >= 3.12; 0.16.1 is the newest that installs on Python 3.11.
-        "megatron-core==0.16.1",
+        # Tested range (megatron_swiftmoe/core/versions.py): never downgrades a newer install.
+        # On Python 3.11 pip picks 0.16.1, the newest release that declares 3.11 support.
+        "megatron-core>=0.16.1,<0.20",
         "numpy",
         "sentencepiece>=0.2",
         "PyYAML>=6",
@@ -28,6 +29,8 @@ setup(
         "wandb": ["wandb"],
         # matplotlib: tests/test_reproduce.py checks the report's loss-curve PNG.
         "test": ["pytest>=8", "hypothesis>=6", "matplotlib"],
+        # Megatron-LM's own training code (megatron.training), for the --swiftmoe plugin.
+        "megatron-lm": ["six", "regex", "pydantic", "psutil"],
         # GPU clusters only (need CUDA to build/run); apex is built from source, see README.
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -55,7 +55,7 @@ def main() -> None:
     print(f"device {device}, {dtype}, {args.slots} slots, {args.tokens} pairs, hidden {args.hidden}, ffn {args.ffn}")
     results = {}
     for mode in ("on", "off"):
-        experts = SlotExperts(config, args.slots, grouped_gemm=mode, device=device)
+        experts = SlotExperts(args.slots, config, num_slots=args.slots, grouped_gemm=mode, device=device)
         with torch.no_grad():
             for param in experts.parameters():
                 param.normal_(0, 0.02)

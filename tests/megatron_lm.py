@@ -1,7 +1,9 @@
 """Running a Megatron-LM checkout's own ``pretrain_gpt.py`` (patched) in tests, on CPU ranks.
 
-The checkout is ``$MEGATRON_LM_DIR`` or ``../shared/megatron-lm/core_v0.16.1``, copied into a
-temporary folder and patched with ``patches/apply.sh`` (the original is never written).
+The checkouts are ``../shared/megatron-lm/core_v0.16.1`` and ``core_v0.19.0`` (or
+``$MEGATRON_LM_DIR`` instead of both), each copied into a temporary folder and patched with
+``patches/apply.sh`` (the original is never written). A tree runs in the environment whose
+megatron-core has its version: ``.ci/run`` has one for 0.16.1 and one for 0.19.2.
 """
 
 from __future__ import annotations
@@ -44,9 +46,29 @@ def tiny_moe(num_experts: int = 4, **overrides) -> list[str]:
     return flags
 
 
+TREES = ("core_v0.16.1", "core_v0.19.0")
+
+
+def source_tree(tree: str) -> Path:
+    return Path(os.environ.get("MEGATRON_LM_DIR") or SHARED_TREES / tree)
+
+
+def skip_reason(tree: str) -> str | None:
+    """Why ``tree`` cannot run here (None if it can): its megatron-core generation must be the
+    installed one, whose Python dependencies this environment has."""
+    import megatron.core
+
+    info = (source_tree(tree) / "megatron" / "core" / "package_info.py").read_text()
+    wanted = ".".join(re.search(rf"^{key} = (\d+)", info, re.M).group(1) for key in ("MAJOR", "MINOR"))
+    installed = ".".join(megatron.core.__version__.split(".")[:2])
+    if wanted != installed:
+        return f"{tree} (megatron-core {wanted}) runs in the megatron-core {wanted} environment; this one has {installed}"
+    return None
+
+
 def checkout(destination: Path, tree: str = "core_v0.16.1") -> Path:
     """A patched copy of the Megatron-LM checkout under test."""
-    source = Path(os.environ.get("MEGATRON_LM_DIR") or SHARED_TREES / tree)
+    source = source_tree(tree)
     target = destination / source.name
     shutil.copytree(source, target, ignore=shutil.ignore_patterns(".git", "__pycache__"))
     for path in target.rglob("*"):

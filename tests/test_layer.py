@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_swiftmoe.core.config import SwiftMoEConfig
 from megatron_swiftmoe.core.experts import SlotExperts
-from megatron_swiftmoe.core.layer import SwiftMoELayer, swiftmoe_spec
+from megatron_swiftmoe.core.layer import SwiftMoELayer, moe_submodules, swiftmoe_spec
 from tests import gpt_models as gm
 from tests.distributed import run_distributed
 
@@ -29,7 +30,7 @@ def construction_worker(rank: int, world_size: int) -> list:
     for overrides, slots, _ in BAD_LAYOUTS:
         overrides = dict(overrides)
         config = gm.tiny_config(num_experts=overrides.pop("num_experts", 4), **overrides)
-        submodules = get_gpt_layer_local_spec(num_experts=config.num_moe_experts).submodules.mlp.submodules
+        submodules = moe_submodules(get_gpt_layer_local_spec(num_experts=config.num_moe_experts))
         try:
             SwiftMoELayer(config, submodules, swiftmoe=SwiftMoEConfig(slots_per_rank=slots))
             messages.append(None)
@@ -58,10 +59,12 @@ def test_swiftmoe_config_rejects_bad_values():
 def test_spec_conversion_keeps_router_and_rejects_dense_specs():
     spec = get_gpt_layer_local_spec(num_experts=4)
     converted = swiftmoe_spec(spec, SwiftMoEConfig(slots_per_rank=3))
-    assert converted.submodules.mlp.module is SwiftMoELayer
-    assert converted.submodules.mlp.params["swiftmoe"].slots_per_rank == 3
-    assert converted.submodules.mlp.submodules.router is spec.submodules.mlp.submodules.router
-    assert spec.submodules.mlp.module is not SwiftMoELayer, "input spec must not be modified"
+    mlp = converted.submodules.mlp
+    module, settings = (mlp.module, mlp.params) if isinstance(mlp, ModuleSpec) else (mlp.func, mlp.keywords)
+    assert module is SwiftMoELayer
+    assert settings["swiftmoe"].slots_per_rank == 3
+    assert moe_submodules(converted).router is moe_submodules(spec).router
+    assert moe_submodules(spec).experts is not None and spec.submodules.mlp is not mlp, "input spec must not be modified"
     with pytest.raises(ValueError, match="no MoE layer"):
         swiftmoe_spec(get_gpt_layer_local_spec(), SwiftMoEConfig())
 
@@ -71,7 +74,7 @@ def test_grouped_gemm_matches_loop(gated):
     torch.manual_seed(0)
     config = gm.tiny_config(gated_linear_unit=gated, activation_func=torch.nn.functional.silu if gated
                             else torch.nn.functional.gelu)
-    loop, grouped = SlotExperts(config, 3, "off"), SlotExperts(config, 3, "on")
+    loop, grouped = (SlotExperts(3, config, num_slots=3, grouped_gemm=mode) for mode in ("off", "on"))
     weights = torch.randn(3, loop.expert_numel)
     loop.load_flat(weights)
     grouped.load_flat(weights)

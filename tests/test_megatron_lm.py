@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.megatron_lm import REPO, assert_ok, checkout, launch, tiny_moe
+from tests.megatron_lm import REPO, TREES, assert_ok, checkout, launch, skip_reason, source_tree, tiny_moe
 
 # fp32 runs: SwiftMoE and the static layer compute every (token, expert) pair with the same
 # weights, but sum expert outputs, gradients and the loss in other orders (all-to-all vs
@@ -25,9 +25,17 @@ RTOL = 1e-5
 SWIFTMOE = ["--swiftmoe", "--swiftmoe-slots-per-rank", "3"]
 
 
+@pytest.fixture(scope="module", params=TREES)
+def tree_name(request) -> str:
+    reason = skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def tree(tmp_path_factory) -> Path:
-    return checkout(tmp_path_factory.mktemp("megatron-lm"))
+def tree(tree_name, tmp_path_factory) -> Path:
+    return checkout(tmp_path_factory.mktemp("megatron-lm"), tree_name)
 
 
 def assert_losses_close(got: dict[int, float], want: dict[int, float], rtol: float = RTOL) -> None:
@@ -39,8 +47,9 @@ def assert_losses_close(got: dict[int, float], want: dict[int, float], rtol: flo
 # ---------------------------------------------------------------- the patch
 
 
-def test_patch_applies_once_reverts_and_refuses_unknown_checkouts(tmp_path):
-    source = Path(os.environ.get("MEGATRON_LM_DIR") or REPO.parent / "shared" / "megatron-lm" / "core_v0.16.1")
+@pytest.mark.parametrize("tree_name", TREES)
+def test_patch_applies_once_reverts_and_refuses_unknown_checkouts(tmp_path, tree_name):
+    source = source_tree(tree_name)  # patching needs no megatron-core: both trees in every environment
     target = tmp_path / "checkout"
     shutil.copytree(source, target)
     for path in target.rglob("*"):
@@ -67,9 +76,9 @@ def test_patch_applies_once_reverts_and_refuses_unknown_checkouts(tmp_path):
     assert wrong.returncode == 1 and "not a Megatron-LM checkout" in wrong.stderr
 
     info = target / "megatron" / "core" / "package_info.py"
-    info.write_text(info.read_text().replace("MINOR = ", "MINOR = 1", 1))  # 0.16 -> 0.116
+    info.write_text(info.read_text().replace("MINOR = ", "MINOR = 1", 1))  # 0.16 -> 0.116, 0.19 -> 0.119
     unknown = subprocess.run(apply, capture_output=True, text=True)
-    assert unknown.returncode == 1 and "0.116" in unknown.stderr and "supports" in unknown.stderr
+    assert unknown.returncode == 1 and "0.11" in unknown.stderr and "supports" in unknown.stderr
     assert (target / "pretrain_gpt.py").read_text() == original
 
 

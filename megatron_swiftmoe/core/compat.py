@@ -206,6 +206,9 @@ _MEGATRON_LM_CUDA_MODULES = (
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.training.models.dist_utils",  # core_v0.19 on
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
 )
 _megatron_lm_applied = False
 
@@ -242,7 +245,11 @@ def apply_megatron_lm() -> None:
     import importlib
 
     for name in _MEGATRON_LM_CUDA_MODULES:
-        importlib.import_module(name).torch = _TorchOnCpu()
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # the list spans Megatron-LM versions
+            continue
+        module.torch = _TorchOnCpu()
     from megatron.training import initialize, training
 
     original_initialize = initialize.initialize_megatron

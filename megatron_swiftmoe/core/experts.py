@@ -20,6 +20,11 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 class SlotExperts(MegatronModule):
     """``num_slots`` expert MLPs (fc1 -> activation -> fc2, no bias) over slot-sorted tokens.
 
+    Built the way Megatron builds its experts modules, ``SlotExperts(num_local_experts, config,
+    pg_collection=..., num_slots=S)``: the first argument (how many experts a static layout
+    would hold here) is not used; the slots hold replicas of whichever experts the placement
+    puts there.
+
     Parameters:
         fc1: ``[S, F1, H]`` with F1 = 2F for gated linear units (GLU), else F.
         fc2: ``[S, H, F]``.
@@ -28,10 +33,14 @@ class SlotExperts(MegatronModule):
 
     def __init__(
         self,
+        num_local_experts: int,
         config: TransformerConfig,
+        pg_collection=None,
+        *,
         num_slots: int,
         grouped_gemm: str = "auto",
         device: torch.device | str | None = None,
+        name: str | None = None,
     ):
         super().__init__(config=config)
         hidden = config.hidden_size

@@ -28,16 +28,17 @@ slots and converts to and from Megatron's static expert parallelism.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
-from megatron.core.transformer.moe.moe_utils import MoECudaGraphTensorStore, get_default_pg_collection
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -46,6 +47,9 @@ from megatron_swiftmoe.core.compat import default_device
 from megatron_swiftmoe.core.config import SwiftMoEConfig
 from megatron_swiftmoe.core.dispatcher import SwiftMoETokenDispatcher
 from megatron_swiftmoe.core.experts import SlotExperts
+from megatron_swiftmoe.core.versions import check_megatron_core
+
+check_megatron_core()
 
 
 def master_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -133,11 +137,13 @@ class SwiftMoELayer(MoELayer):
     Args:
         config: Megatron's transformer config (experts, top-k, router, sizes).
         submodules: ``MoESubmodules``; ``router`` and ``shared_experts`` are used, ``experts``
-            is ignored (slots replace it).
+            is replaced by the slots.
         layer_number: set by the transformer layer.
         pg_collection: Megatron process groups (router and shared experts use them).
         swiftmoe: SwiftMoE settings (slots per rank, placement policy, grouped GEMM).
-        group: ranks that share the expert slots; defaults to the data-parallel group.
+        group: ranks that share the expert slots; defaults to the data-parallel group (of this
+            pipeline stage).
+        **kwargs: what newer Megatron versions pass every MLP (``is_mtp_layer``, ``name``).
     """
 
     def __init__(
@@ -148,52 +154,33 @@ class SwiftMoELayer(MoELayer):
         pg_collection=None,
         swiftmoe: Optional[SwiftMoEConfig] = None,
         group: Optional[dist.ProcessGroup] = None,
+        **kwargs,
     ):
         self.swiftmoe = swiftmoe or SwiftMoEConfig()
         self.group = group or parallel_state.get_data_parallel_group()
         num_ranks = dist.get_world_size(self.group)
         _check_supported(config, num_ranks, self.swiftmoe)
+        device = torch.device("cpu") if config.use_cpu_initialization else default_device()
+        slots = ModuleSpec(
+            module=SlotExperts,
+            params=dict(num_slots=self.swiftmoe.slots_per_rank, grouped_gemm=self.swiftmoe.grouped_gemm, device=device),
+        )
+        submodules = dataclasses.replace(submodules, experts=slots) if submodules else MoESubmodules(experts=slots)
+        # MoELayer.__init__ builds router, shared experts and, from the spec, our slots. It also
+        # builds a stock dispatcher of config.moe_token_dispatcher_type, replaced below: the
+        # all-gather one is built because it needs neither CUDA streams nor DeepEP.
+        dispatcher_type = config.moe_token_dispatcher_type
+        config.moe_token_dispatcher_type = "allgather"
+        try:
+            super().__init__(config, submodules, layer_number, pg_collection, **kwargs)
+        finally:
+            config.moe_token_dispatcher_type = dispatcher_type
         pg_collection = pg_collection or get_default_pg_collection()
-        submodules = submodules or MoESubmodules()
-        # MoELayer.__init__ would build the stock dispatcher and experts over an expert-parallel
-        # group; set the attributes its methods read, with our dispatcher and slots instead.
-        MegatronModule.__init__(self, config)
-        self.config = config
-        self.layer_number = layer_number
-        self.ep_group = None  # experts are replicated over `group`, not partitioned
-        self.attn_tp_group = pg_collection.tp
-        self.num_local_experts = self.swiftmoe.slots_per_rank
-        self.local_expert_indices = []  # change every iteration: see `slot_experts`
-        self.use_shared_expert = config.moe_shared_expert_intermediate_size is not None
-        self.shared_expert_overlap = config.moe_shared_expert_overlap
-        self.shared_experts = None
-        self.submodules = submodules
-        self.moe_layer_recompute = (
-            config.recompute_granularity == "selective"
-            and "moe" in config.recompute_modules
-            and config.cuda_graph_impl != "local"
-        )
-        self.shared_experts_recompute = (
-            config.recompute_granularity == "selective" and "shared_experts" in config.recompute_modules
-        )
-        self.tp_group = pg_collection.tp
-        self.cudagraph_tensor_store = MoECudaGraphTensorStore()
-        self.fwd_execution_map = ["route", "expert_compute", "postprocess"]
-
         self.num_ranks = num_ranks
         self.rank = dist.get_rank(self.group)
-        self.slots_per_rank = self.swiftmoe.slots_per_rank
-        device = torch.device("cpu") if config.use_cpu_initialization else default_device()
+        self.slots_per_rank = self.num_local_experts = self.swiftmoe.slots_per_rank
+        self.local_expert_indices = []  # they change every iteration: see `slot_experts`
 
-        self.router = submodules.router(config=config, pg_collection=pg_collection)
-        self.experts = SlotExperts(config, self.slots_per_rank, self.swiftmoe.grouped_gemm, device)
-        if self.use_shared_expert:
-            self.shared_experts = build_module(
-                submodules.shared_experts,
-                config=config,
-                pg_collection=pg_collection,
-                gate=config.moe_shared_expert_gate,
-            )
         uniform = torch.zeros(config.num_moe_experts, dtype=torch.int64, device=device)
         self.register_buffer("placement", plan_placement(uniform, num_ranks, self.swiftmoe))
         # Persistent: with replan_interval > 1 it spans steps, and a resume must not lose it.
@@ -342,6 +329,25 @@ class SwiftMoELayer(MoELayer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def _mlp_module(layer_spec) -> tuple[Optional[type], Optional[MoESubmodules]]:
+    """(class, submodules) of a layer spec's MLP: a ``ModuleSpec`` up to megatron-core 0.17,
+    a ``functools.partial`` builder from 0.18 on."""
+    mlp = layer_spec.submodules.mlp
+    if isinstance(mlp, ModuleSpec):
+        return mlp.module, mlp.submodules
+    if isinstance(mlp, functools.partial):
+        return mlp.func, mlp.keywords.get("submodules")
+    return None, None
+
+
+def moe_submodules(layer_spec) -> MoESubmodules:
+    """The ``MoESubmodules`` of a GPT layer spec built with ``num_experts`` (either generation)."""
+    module, submodules = _mlp_module(layer_spec)
+    if not (isinstance(module, type) and issubclass(module, MoELayer)):
+        raise ValueError("the layer spec has no MoE layer: build it with num_experts set")
+    return submodules
+
+
 def swiftmoe_spec(spec, swiftmoe: SwiftMoEConfig):
     """Copy of a Megatron GPT layer or block spec with every ``MoELayer`` made a ``SwiftMoELayer``.
 
@@ -353,11 +359,16 @@ def swiftmoe_spec(spec, swiftmoe: SwiftMoEConfig):
     layer_specs = spec.layer_specs if isinstance(spec, TransformerBlockSubmodules) else [spec]
     found = False
     for layer_spec in layer_specs:
+        module, _ = _mlp_module(layer_spec)
+        if not (isinstance(module, type) and issubclass(module, MoELayer)):
+            continue
         mlp = layer_spec.submodules.mlp
-        if isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type) and issubclass(mlp.module, MoELayer):
+        if isinstance(mlp, ModuleSpec):
             mlp.module = SwiftMoELayer
             mlp.params = {**(mlp.params or {}), "swiftmoe": swiftmoe}
-            found = True
+        else:
+            layer_spec.submodules.mlp = functools.partial(SwiftMoELayer, *mlp.args, **{**mlp.keywords, "swiftmoe": swiftmoe})
+        found = True
     if not found:
         raise ValueError("the spec has no MoE layer to replace: build it with num_experts set")
     return spec

@@ -9,10 +9,9 @@ patched ``pretrain_gpt.py`` trains exactly as the unpatched one.
 | --- | --- |
 | ``arguments.add_megatron_arguments`` | the ``--swiftmoe*`` flag group |
 | ``initialize.validate_args`` | :mod:`.arguments` checks, before any process group |
-| ``gpt_builders.get_gpt_decoder_block_spec`` | MoE layers become ``SwiftMoELayer`` |
-| ``training.get_model`` | the load monitor on the built model |
-| ``training.DDP`` | the expert slots stay out of DDP's buckets |
-| ``training.get_megatron_optimizer`` | Megatron's optimizer without the slots, chained with the expert optimizer |
+| ``get_gpt_decoder_block_spec`` (``gpt_builders``, ``megatron.training.models.gpt``) | MoE layers become ``SwiftMoELayer`` |
+| ``training.DDP``, ``wrap_model_chunks_with_ddp``, ``dist_utils._ddp_wrap`` | the expert slots stay out of DDP's buckets |
+| ``training.get_megatron_optimizer`` | Megatron's optimizer without the slots, chained with the expert optimizer; the load monitor |
 | ``training.finalize_model_grads`` | per-token loss scaling of the slot gradients |
 | ``training.train_step`` | per-layer load figures, every iteration |
 | ``training.training_log`` | the SwiftMoE load line, TensorBoard / W&B scalars |
@@ -57,13 +56,28 @@ def _active() -> bool:
     return _GLOBAL_ARGS is not None and bool(getattr(_GLOBAL_ARGS, "swiftmoe", False))
 
 
-def _rebind(modules: list, name: str, make: Callable[[Callable], Callable]) -> None:
-    """Replace ``name`` by ``make(original)`` in every module of ``modules`` that holds it."""
-    original = getattr(modules[0], name)
+def _rebind(modules: list, name: str, make: Callable[[Callable], Callable], required: bool = True) -> None:
+    """Replace ``name`` by ``make(original)`` in every module of ``modules`` that holds it (the
+    first holder's object is the original; Megatron-LM versions differ in who holds what)."""
+    holders = [module for module in modules if module is not None and hasattr(module, name)]
+    if not holders:
+        if required:
+            raise ImportError(f"megatron_swiftmoe: no {name} in {[m.__name__ for m in modules if m]}: unsupported Megatron-LM")
+        return
+    original = getattr(holders[0], name)
     wrapper = make(original)
-    for module in modules:
-        if getattr(module, name, None) is original:
+    for module in holders:
+        if getattr(module, name) is original:
             setattr(module, name, wrapper)
+
+
+def _optional_module(name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 @contextlib.contextmanager
@@ -121,21 +135,6 @@ def _block_spec(original):
     return get_gpt_decoder_block_spec
 
 
-def _get_model(original):
-    @functools.wraps(original)
-    def get_model(*args, **kwargs):
-        model = original(*args, **kwargs)
-        if _active():
-            from megatron_swiftmoe.training.monitor import MoELoadMonitor
-
-            layers = swiftmoe_checkpointing.moe_layers(model)
-            if layers:
-                _State.monitor = MoELoadMonitor(layers, group=layers[0].group)
-        return model
-
-    return get_model
-
-
 def _ddp_class(original):
     class SwiftMoEDistributedDataParallel(original):
         """Megatron's DDP for everything but the expert slots (their gradients go to the shards)."""
@@ -149,6 +148,19 @@ def _ddp_class(original):
     return SwiftMoEDistributedDataParallel
 
 
+def _with_slots_hidden(original):
+    """A function whose first argument is the model chunks, run with the slots hidden."""
+
+    @functools.wraps(original)
+    def wrapper(model_chunks, *args, **kwargs):
+        if not _active():
+            return original(model_chunks, *args, **kwargs)
+        with _slots_hidden(model_chunks):
+            return original(model_chunks, *args, **kwargs)
+
+    return wrapper
+
+
 def _get_megatron_optimizer(original):
     @functools.wraps(original)
     def get_megatron_optimizer(config, model_chunks, *args, **kwargs):
@@ -156,6 +168,11 @@ def _get_megatron_optimizer(original):
             return original(config, model_chunks, *args, **kwargs)
         with _slots_hidden(model_chunks):
             dense = original(config, model_chunks, *args, **kwargs)
+        from megatron_swiftmoe.training.monitor import MoELoadMonitor
+
+        layers = swiftmoe_checkpointing.moe_layers(model_chunks)
+        if layers:
+            _State.monitor = MoELoadMonitor(layers, group=layers[0].group)
         return chain_with_experts(dense, config, model_chunks)
 
     return get_megatron_optimizer
@@ -303,15 +320,23 @@ def _sharded_metadata(original):
 
 
 def install() -> None:
-    """Bind every wrapper (idempotent)."""
+    """Bind every wrapper (idempotent). Names that only some Megatron-LM versions have are
+    bound where they exist: e.g. core_v0.16 builds the spec in ``gpt_builders`` and wraps DDP in
+    ``training.get_model``; core_v0.19 builds it in ``megatron.training.models.gpt`` and
+    computes the distributed optimizer's parameter layout before DDP (``dist_utils._ddp_wrap``)."""
     from megatron.training import arguments, checkpointing, initialize, training
 
     if getattr(training, "_swiftmoe_installed", False):
         return
+    gpt_builders = _optional_module("gpt_builders")  # the checkout's own, next to pretrain_gpt.py
+    model_builders = _optional_module("megatron.training.models.gpt")
+    dist_utils = _optional_module("megatron.training.models.dist_utils")
     _rebind([arguments], "add_megatron_arguments", _add_megatron_arguments)
-    _rebind([initialize, arguments], "validate_args", _validate_args)
-    _rebind([training], "get_model", _get_model)
+    _rebind([arguments, initialize], "validate_args", _validate_args)
+    _rebind([gpt_builders, model_builders], "get_gpt_decoder_block_spec", _block_spec)
     _rebind([training], "DDP", _ddp_class)
+    _rebind([training], "wrap_model_chunks_with_ddp", _with_slots_hidden, required=False)
+    _rebind([dist_utils], "_ddp_wrap", _with_slots_hidden, required=False)
     _rebind([training], "get_megatron_optimizer", _get_megatron_optimizer)
     _rebind([training], "finalize_model_grads", _finalize_model_grads)
     _rebind([training], "train_step", _train_step)
@@ -319,12 +344,6 @@ def install() -> None:
     _rebind([checkpointing, training], "save_checkpoint", _save_checkpoint)
     _rebind([checkpointing, training], "load_checkpoint", _load_checkpoint)
     _rebind([checkpointing], "_build_sharded_state_dict_metadata", _sharded_metadata)
-    try:
-        import gpt_builders  # the checkout's own module, next to pretrain_gpt.py
-    except ImportError:
-        gpt_builders = None
-    if gpt_builders is not None:
-        _rebind([gpt_builders], "get_gpt_decoder_block_spec", _block_spec)
     training._swiftmoe_installed = True
 
 

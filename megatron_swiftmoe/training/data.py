@@ -36,7 +36,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, Moc
 from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 from megatron.core.datasets.utils import Split
 from megatron.core.tokenizers import MegatronTokenizer, MegatronTokenizerBase
-from megatron.core.tokenizers.text.text_tokenizer import MegatronTokenizerText
+from megatron.core.tokenizers.text.text_tokenizer import TOKENIZER_MAPPING_LIBRARIES, MegatronTokenizerText
 
 __all__ = [
     "CACHE_ENV",
@@ -698,6 +698,10 @@ def build_gpt_datasets(
     return train, valid, test
 
 
+# The null tokenizer's library name: "null" up to megatron-core 0.17, "null-text" after.
+_NULL_LIBRARY = next(name for name, cls in TOKENIZER_MAPPING_LIBRARIES.items() if cls == "NullTokenizer")
+
+
 def build_mock_datasets(
     vocab_size: int, seq_length: int, samples: Sequence[int], seed: int = 1234
 ) -> tuple[int, GPTDataset | None, GPTDataset | None]:
@@ -712,9 +716,9 @@ def build_mock_datasets(
     Returns:
         (vocabulary size including EOD, i.e. ``vocab_size + 1``, train set, valid set).
     """
-    tokenizer = MegatronTokenizer.from_pretrained(
-        metadata_path={"library": "null"}, vocab_size=vocab_size
-    )
+    tokenizer = MegatronTokenizer.from_pretrained(metadata_path={"library": _NULL_LIBRARY}, vocab_size=vocab_size)
+    if tokenizer.eod != vocab_size:  # megatron-core >= 0.18 counts the EOD in vocab_size
+        tokenizer = MegatronTokenizer.from_pretrained(metadata_path={"library": _NULL_LIBRARY}, vocab_size=vocab_size + 1)
     sizes = list(samples)
     config = _gpt_config(tokenizer, seq_length, sizes, seed, create_attention_mask=False)
     builder = BlendedMegatronDatasetBuilder(MockGPTDataset, sizes, lambda: True, config)
