@@ -9,5 +9,5 @@ PYTHON=${PYTHON:-python3}
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
 fi
-.venv/bin/python -m pip install --quiet -e ".[test,plot]"
+.venv/bin/python -m pip install --quiet -e ".[test,plot,megatron-lm]"
 .venv/bin/python -W ignore -c "import torch, megatron.core; print(f'ready: torch {torch.__version__}, megatron-core {megatron.core.__version__}')"

@@ -19,6 +19,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TREES = REPO.parent / "shared" / "megatron-lm"
 TIMEOUT_S = 600
+#: Megatron prints losses as %E with six decimals (losses here are ~6: a 1e-6 step). A loss
+#: recovered from a two-iteration mean combines two such roundings: off by up to 1.5e-6.
+PRINTED_ABS = 2e-6
 
 #: What a laptop run of Megatron-LM needs on CPU (README, "Use with Megatron-LM").
 CPU_FLAGS = [
@@ -88,14 +91,20 @@ class Run:
         """Per-iteration lm loss from Megatron's log lines.
 
         Megatron does not reset its loss accumulator after a run's first logged iteration, so
-        with ``--log-interval 1`` the second line shows the mean of the first two; undone here.
+        with ``--log-interval 1`` the second line shows the mean of the first two; undone here
+        (that iteration is :attr:`unaveraged`: it is exact only to ``PRINTED_ABS``).
         """
         lines = re.findall(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.E+-]+)", self.output)
         losses = {int(i): float(v) for i, v in lines}
-        first = min(losses, default=0)
-        if first + 1 in losses:
-            losses[first + 1] = 2 * losses[first + 1] - losses[first]
+        if self.unaveraged in losses:
+            losses[self.unaveraged] = 2 * losses[self.unaveraged] - losses[self.unaveraged - 1]
         return losses
+
+    @property
+    def unaveraged(self) -> int:
+        """The iteration whose loss :attr:`losses` recovers from a two-iteration mean."""
+        first = re.search(r"iteration\s+(\d+)/", self.output)
+        return int(first.group(1)) + 1 if first else -1
 
     @property
     def load_lines(self) -> list[str]:

@@ -7,8 +7,9 @@ megatron-core assumes a GPU in a few places that the MoE GPT path touches:
 * the model-parallel RNG tracker saves and restores the *CUDA* generator around dropout;
   on CPU the tracker below swaps the CPU generator instead.
 * the default causal attention mask is built with ``device="cuda"``; it is rebuilt on CPU.
-* the pipeline schedules count tokens in ``torch.zeros(..., device="cuda")``; the schedules
-  module sees a ``torch`` whose ``zeros`` maps that device to the CPU.
+* the pipeline schedules count tokens in ``torch.zeros(..., device="cuda")`` and the
+  pipeline's point-to-point transfers synchronise CUDA: both modules see a ``torch`` whose
+  CUDA maps to the CPU (:class:`_TorchOnCpu`).
 * router gating calls ``te_general_gemm`` when Transformer Engine is absent, a name 0.16.1
   never defines without TE (NameError); it is defined as ``None`` so the torch path is used.
 
@@ -52,13 +53,13 @@ def apply() -> None:
     if _applied or torch.cuda.is_available():
         return
     from megatron.core.fusions import fused_softmax
-    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import moe_utils
 
     torch.cuda.current_device = lambda: "cpu"
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
-    schedules.torch = _TorchOnCpu()
+    schedules.torch = p2p_communication.torch = _TorchOnCpu()
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 

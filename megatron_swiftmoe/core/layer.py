@@ -109,7 +109,6 @@ def _check_supported(config: TransformerConfig, num_ranks: int, swiftmoe: SwiftM
     )
     unsupported = {
         "tensor_model_parallel_size": config.tensor_model_parallel_size != 1,
-        "pipeline_model_parallel_size": config.pipeline_model_parallel_size != 1,
         "context_parallel_size": config.context_parallel_size != 1,
         "expert_model_parallel_size": config.expert_model_parallel_size != 1,
         "expert_tensor_parallel_size": (config.expert_tensor_parallel_size or 1) != 1,

@@ -37,7 +37,6 @@ _UNSUPPORTED = (
      "support tensor parallelism yet (see README, 'Use with Megatron-LM'); use 1"),
     ("context_parallel_size", (1,), "context parallelism is not supported with SwiftMoE yet; use 1"),
     ("expert_tensor_parallel_size", (None, 1), "SwiftMoE keeps every expert whole in its slots; use 1"),
-    ("pipeline_model_parallel_size", (1,), "pipeline parallelism is not supported with SwiftMoE yet; use 1"),
     ("virtual_pipeline_model_parallel_size", (None,), "virtual pipeline stages are not supported with SwiftMoE"),
     ("num_layers_per_virtual_pipeline_stage", (None,), "virtual pipeline stages are not supported with SwiftMoE"),
     ("add_bias_linear", (False,), "SwiftMoE's experts are bias-free: add --disable-bias-linear"),
