@@ -448,14 +448,16 @@ def _rank_quota(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
     slot_in_rank = torch.arange(pool.numel()) - torch.searchsorted(pool_rank, pool_rank)
     rows[pool_rank, slot_in_rank] = pool_expert
     alone = torch.zeros(n, dtype=torch.int64).index_add_(0, pool_rank, own) > lower
-    bits = e.bit_length()
-    if s * bits <= 62:  # one int64 key per rank (torch.unique over rows is ~10x slower)
-        packed = (rows << (torch.arange(s) * bits)).sum(1)
-        class_key, class_of = torch.unique(torch.where(alone, -1 - torch.arange(n), packed), return_inverse=True)
-        first_rank = torch.full((class_key.numel(),), n).scatter_reduce(0, class_of, torch.arange(n), "amin")
-    else:
-        _, class_of = torch.unique(torch.cat([rows, torch.where(alone, torch.arange(n), -1)[:, None]], 1), dim=0, return_inverse=True)
-        first_rank = torch.full((int(class_of.max()) + 1,), n).scatter_reduce(0, class_of, torch.arange(n), "amin")
+    rows = torch.cat([rows, torch.where(alone, torch.arange(n), -1)[:, None]], 1)
+    # One int64 key per rank (torch.unique over rows is ~10x slower): the row in base n + e + 2,
+    # modulo a prime so that nothing overflows, and checked below.
+    key = torch.zeros(n, dtype=torch.int64)
+    for column in rows.T:
+        key = (key * (n + e + 2) + column + 1) % 2147483647  # a prime, 2**31 - 1
+    _, class_of = torch.unique(key, return_inverse=True)
+    representative = torch.full((n,), n, dtype=torch.int64).scatter_reduce(0, class_of, torch.arange(n), "amin")
+    if not torch.equal(rows, rows[representative[class_of]]):  # a collision: exact but slower
+        _, class_of = torch.unique(rows, dim=0, return_inverse=True)
     size = torch.bincount(class_of)
     k = size.numel()
     cell = class_of[pool_rank] * e + pool_expert
@@ -571,13 +573,14 @@ def _place(inc, classes, flows, local, level, total, size) -> bool:
     """Fill, then augment through remote pairs; True when every pair is placed."""
     cap, load, left, rf = flows.cap, flows.load, flows.left, flows.rf
     # Straight to hosting classes with room: experts with fewest classes first, roomiest first.
-    for x in sorted(range(len(left)), key=lambda x: (len(inc[x]), x)):
+    for x in sorted((x for x in range(len(left)) if left[x]), key=lambda x: (len(inc[x]), x)):
         for c, k in sorted(inc[x], key=lambda ck: (load[ck[0]] - cap[ck[0]], ck[0])):
             d = min(cap[c] - load[c], left[x])
-            if d > 0:
-                rf[c][k] += d
-                load[c] += d
-                left[x] -= d
+            if d <= 0:
+                break
+            rf[c][k] += d
+            load[c] += d
+            left[x] -= d
     if any(left):
         _augment(inc, classes, flows, local, None)
     return not any(left)
@@ -645,18 +648,22 @@ def _augment(inc, classes, flows, local, dist) -> bool:
         queue = collections.deque(roots)
         for x in roots:
             lev_x[x] = 0
-        found = False
+        found = math.inf  # the first level with a class with room: nothing beyond it is needed
         while queue:  # levels: the flow only ever moves one level deeper (no cycles)
             x = queue.popleft()
+            if lev_x[x] >= found:
+                break
             for c, k in inc[x]:
                 if lev_c[c] < 0 and forward(x, c, k) is not None:
                     lev_c[c] = lev_x[x] + 1
-                    found |= sink(c)
+                    if sink(c):
+                        found = lev_c[c]
+                        continue
                     for k2, x2 in enumerate(classes[c]):
                         if lev_x[x2] < 0 and backward(c, k2, x2) is not None:
                             lev_x[x2] = lev_c[c] + 1
                             queue.append(x2)
-        if not found:
+        if found == math.inf:
             return moved
         ptr_x, ptr_c = [0] * len(left), [0] * len(cap)
         for root in roots:
