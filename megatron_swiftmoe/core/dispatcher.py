@@ -91,14 +91,19 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         device = routing_map.device
         pair_expert, pair_token = routing_map.T.nonzero(as_tuple=True)
         slots_by_expert = torch.argsort(self.layer.host_placement.flatten(), stable=True)
-        pair_slot = repeat(slots_by_expert.to(device), send[slots_by_expert].to(device), sum(self.send_splits))
+        # Host-to-device copies are non-blocking: a blocking one would wait for the stream.
+        pair_slot = repeat(
+            slots_by_expert.to(device, non_blocking=True),
+            send[slots_by_expert].to(device, non_blocking=True),
+            sum(self.send_splits),
+        )
         send_order = torch.argsort(pair_slot, stable=True)
         self.pair_token = pair_token[send_order]
         self.pair_prob = probs[pair_token, pair_expert][send_order]
 
         # Arrivals come source-major; experts want them slot-major.
         local_slots = torch.arange(self.slots_per_rank, device=device).repeat(self.num_ranks)
-        arrival_slot = repeat(local_slots, recv.T.flatten().to(device), sum(self.recv_splits))
+        arrival_slot = repeat(local_slots, recv.T.flatten().to(device, non_blocking=True), sum(self.recv_splits))
         self.slot_major = torch.argsort(arrival_slot, stable=True)
         self.last_routed_pairs = sum(self.send_splits)
         self.last_tokens_per_slot = recv.sum(1)
