@@ -26,10 +26,12 @@ with ours/EPLB and ours/LB; then the same for the rank split (the exact min-max 
 same popularity, as integer pairs, over our placement and over the EPLB-style one). Note on
 the equal split: EPLB's packing may put two copies of an expert on one rank, which gives that
 rank a finer share under the equal split; ``place`` avoids such copies while another rank can
-take one (under the default rank split they are one pool: a wasted host). LB, a lower bound on the largest rank load of ANY placement of
-N x S slots under either split: max(P / N, lambda*), P the total popularity and lambda* the
-smallest achievable max_e popularity_e / min(replicas_e, N) over all replica counts (computed
-exactly by ``load_counts``): some host of e takes at least p_e / min(c_e, N) of it.
+take one (under the default rank split they are one pool: a wasted host).
+
+LB, a lower bound on the largest rank load of ANY placement of N x S slots under either
+split: max(P / N, lambda*), P the total popularity and lambda* the smallest achievable
+max_e popularity_e / min(replicas_e, N) over all replica counts (computed exactly by
+``load_counts``): some host of e takes at least p_e / min(c_e, N) of it.
 
 Trace (metrics JSONL files of pretrain_gpt, with ``microbatch_tokens_per_expert``): per MoE
 layer and iteration i >= 2, the placement planned from iteration i-1's popularity (as the

@@ -6,10 +6,17 @@ a placement is an int64 ``[N, S]`` tensor of expert ids, so ``placement.flatten(
 is the flat slot list. Every slot holds a replica of exactly one expert and every
 expert has at least one replica.
 
-All functions are pure torch: no process groups, no hard-coded device (outputs live
-on the inputs' device), and deterministic, so every rank that calls them with the
-same (all-reduced / all-gathered) inputs gets bit-identical results and no
-collective is needed to agree on a placement or plan.
+All functions are pure: no process groups, no hard-coded device (outputs live on the
+inputs' device), and deterministic, so every rank that calls them with the same
+(all-reduced / all-gathered) inputs gets bit-identical results and no collective is
+needed to agree on a placement or plan. Counts, packing and the rank split are small and
+sequential: they run on host copies of their inputs (integers and float64 in a fixed
+order), which on a GPU costs one copy in and no synchronisation inside.
+
+The split treats the slots of one expert on one rank as one pool (``split_plan``). What
+spreads an expert's load is then the number of *ranks* hosting it, so replica counts
+(``load_counts``) are host counts, at most N each, until every expert is on every rank;
+a second copy on a rank would only cost a slot's memory.
 """
 
 from __future__ import annotations
@@ -146,6 +153,13 @@ def replica_counts(popularity: torch.Tensor, num_slots: int) -> torch.Tensor:
     return counts
 
 
+def _check_layout_args(num_ranks: int, slots_per_rank: int) -> None:
+    if num_ranks < 1:
+        raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
+    if slots_per_rank < 1:
+        raise ValueError(f"slots_per_rank must be >= 1, got {slots_per_rank}")
+
+
 def _check_counts(counts: torch.Tensor, num_ranks: int, slots_per_rank: int) -> None:
     _check_layout_args(num_ranks, slots_per_rank)
     if counts.dim() != 1 or counts.numel() == 0 or counts.is_floating_point():
@@ -169,13 +183,6 @@ def place_contiguous(counts: torch.Tensor, num_ranks: int, slots_per_rank: int) 
     experts = torch.arange(counts.numel(), device=counts.device)
     flat = repeat(experts, counts.to(torch.int64))
     return flat.view(num_ranks, slots_per_rank)
-
-
-def _check_layout_args(num_ranks: int, slots_per_rank: int) -> None:
-    if num_ranks < 1:
-        raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
-    if slots_per_rank < 1:
-        raise ValueError(f"slots_per_rank must be >= 1, got {slots_per_rank}")
 
 
 def load_counts(popularity: torch.Tensor, num_ranks: int, slots_per_rank: int) -> torch.Tensor:
@@ -532,10 +539,10 @@ def _pool_flows(
         else:  # L* without locality, then the most local split at L*
             none = [[0] * len(ex) for ex in classes]
             flows = _flows_at(level, total, classes, size, none)
-            while not _place(inc, classes, flows, none, level, total, size):
+            while not _place(inc, classes, flows, none):
                 level = _raise(inc, classes, flows, level, total, size)
             flows = _flows_at(level, total, classes, size, local)
-        while not _place(inc, classes, flows, local, level, total, size):
+        while not _place(inc, classes, flows, local):
             if not flows.pinned or _reach(inc, classes, flows)[2]:
                 break
             level = _raise(inc, classes, flows, level, total, size)
@@ -569,7 +576,7 @@ def _flows_at(level, total, classes, size, local) -> _Flows:
     return flows
 
 
-def _place(inc, classes, flows, local, level, total, size) -> bool:
+def _place(inc, classes, flows, local) -> bool:
     """Fill, then augment through remote pairs; True when every pair is placed."""
     cap, load, left, rf = flows.cap, flows.load, flows.left, flows.rf
     # Straight to hosting classes with room: experts with fewest classes first, roomiest first.
@@ -753,7 +760,9 @@ def _split_state(tokens: torch.Tensor, placement: torch.Tensor, rule: str) -> _S
     (send) or S columns (recv) of it.
     """
     if placement.dim() != 2 or placement.is_floating_point():
-        raise ValueError(f"placement must be a 2-D integer tensor [N, S], got {placement.dtype} {tuple(placement.shape)}")
+        raise ValueError(
+            f"placement must be a 2-D integer tensor [N, S], got {placement.dtype} {tuple(placement.shape)}"
+        )
     n, s = placement.shape
     if tokens.dim() != 2 or tokens.is_floating_point() or tokens.shape[0] != n:
         raise ValueError(
@@ -841,7 +850,9 @@ class RankPlan(NamedTuple):
     totals: torch.Tensor  # [N] pairs every rank computes (all ranks: the realised load)
 
 
-def rank_plan(tokens: torch.Tensor, placement: torch.Tensor, rank: int, rule: str = "rank") -> tuple[torch.Tensor, torch.Tensor]:
+def rank_plan(
+    tokens: torch.Tensor, placement: torch.Tensor, rank: int, rule: str = "rank"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``rank`` sends and receives under split_plan, without building it.
 
     tokens: [N, E]; placement: [N, S]. Returns ``(send [N*S], recv [S, N])``, int64:

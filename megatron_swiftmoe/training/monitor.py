@@ -19,8 +19,9 @@ for the same routing), ``dropped_tokens`` (pairs dropped over capacity), ``token
 (global computed pairs of each micro-batch: a routing trace the split can be replayed on),
 ``realised_max_mean`` (mean over the micro-batches of max/mean of the pairs each rank
 computed: what the split really gave; for a stock layer its static layout) and
-``static_max_mean`` (the same for static expert parallelism on the same routing). ``bytes_sent`` also has ``expert_migration`` (FlexMoE-like
-re-plans) and ``migration_peak_bytes`` is the largest migration buffer of any rank. Evaluation iterations
+``static_max_mean`` (the same for static expert parallelism on the same routing).
+``bytes_sent`` also has ``expert_migration`` (FlexMoE-like re-plans) and
+``migration_peak_bytes`` is the largest migration buffer of any rank. Evaluation iterations
 add ``valid_lm_loss``.
 """
 
@@ -109,7 +110,8 @@ class MoELoadMonitor:
             tokens = routed[index].cpu()
             owner = torch.arange(tokens.numel()) // -(-tokens.numel() // self.num_ranks)
             static = torch.zeros(self.num_ranks, dtype=torch.int64).index_add_(0, owner, tokens)
-            static_micro = torch.zeros(micro.shape[1], self.num_ranks, dtype=torch.int64).index_add_(1, owner, micro[index])
+            static_micro = torch.zeros(micro.shape[1], self.num_ranks, dtype=torch.int64)
+            static_micro.index_add_(1, owner, micro[index])  # [M, N]
             realised = torch.stack(self.rank_totals[index]) if self.rank_totals[index] else static_micro
             if isinstance(layer, SwiftMoELayer):
                 replicas = torch.bincount(layer.placement.flatten().cpu(), minlength=tokens.numel())
