@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import heapq
 import math
 from typing import NamedTuple
@@ -423,6 +424,70 @@ def _replica_quota(total: torch.Tensor, slot_expert: torch.Tensor, counts: torch
     return t // c + (occ < t % c).to(torch.int64)
 
 
+class _Classes(NamedTuple):
+    """What the rank split needs of a placement: pools (distinct (rank, expert)), rank classes
+    (ranks hosting the same experts), and orders to spread a class's flows over its ranks."""
+
+    first: torch.Tensor  # [P] first flat slot of each pool, pools sorted by (rank, expert)
+    pool_rank: torch.Tensor  # [P]
+    pool_expert: torch.Tensor  # [P]
+    class_of: torch.Tensor  # [N] class of each rank
+    size: list[int]  # [K] ranks per class
+    cell: torch.Tensor  # [P] class * E + expert of each pool
+    class_cells: torch.Tensor  # [C] distinct cells, sorted: class by class, experts ascending
+    experts: list[list[int]]  # [K] experts of each class
+    inc: list[list[tuple[int, int]]]  # [E] (class, position in its experts) hosting each expert
+    by_cell: torch.Tensor  # [P] pools by (cell, rank)
+    cell_start: torch.Tensor  # [P] position in by_cell of the first pool of the same cell
+    by_class: torch.Tensor  # [N] ranks by (class, rank)
+    class_start: torch.Tensor  # [N] position in by_class of the first rank of the same class
+
+
+def _classes(placement: torch.Tensor, e: int, alone: torch.Tensor | None = None) -> _Classes:
+    """placement: [N, S] (host); alone: bool [N], ranks that must form a class of their own."""
+    n, s = placement.shape
+    pool, where = torch.unique(torch.arange(n * s) // s * e + placement.flatten(), return_inverse=True)
+    first = torch.full((pool.numel(),), n * s, dtype=torch.int64).scatter_reduce(0, where, torch.arange(n * s), "amin")
+    pool_rank, pool_expert = pool // e, pool % e
+    # Class key of a rank: its distinct experts (sorted, padded with e), and its id if alone.
+    rows = torch.full((n, s + 1), -1, dtype=torch.int64)
+    rows[:, :s] = e
+    rows[pool_rank, torch.arange(pool.numel()) - torch.searchsorted(pool_rank, pool_rank)] = pool_expert
+    if alone is not None:
+        rows[:, s] = torch.where(alone, torch.arange(n), -1)
+    # One int64 key per rank (torch.unique over rows is ~10x slower): the row in base n + e + 2,
+    # modulo a prime so that nothing overflows, and checked below.
+    key = torch.zeros(n, dtype=torch.int64)
+    for column in rows.T:
+        key = (key * (n + e + 2) + column + 1) % 2147483647  # a prime, 2**31 - 1
+    _, class_of = torch.unique(key, return_inverse=True)
+    representative = torch.full((n,), n, dtype=torch.int64).scatter_reduce(0, class_of, torch.arange(n), "amin")
+    if not torch.equal(rows, rows[representative[class_of]]):  # a collision: exact but slower
+        _, class_of = torch.unique(rows, dim=0, return_inverse=True)
+    size = torch.bincount(class_of)
+    cell = class_of[pool_rank] * e + pool_expert
+    class_cells = torch.unique(cell)
+    experts: list[list[int]] = [[] for _ in range(size.numel())]
+    inc: list[list[tuple[int, int]]] = [[] for _ in range(e)]
+    for c_e in class_cells.tolist():
+        c, x = divmod(c_e, e)
+        inc[x].append((c, len(experts[c])))
+        experts[c].append(x)
+    by_cell = torch.argsort(cell, stable=True)  # pools are in rank order already
+    by_class = torch.argsort(class_of, stable=True)
+    return _Classes(
+        first, pool_rank, pool_expert, class_of, size.tolist(), cell, class_cells, experts, inc, by_cell,
+        torch.searchsorted(cell[by_cell], cell[by_cell]), by_class,
+        torch.searchsorted(class_of[by_class], class_of[by_class]),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _classes_of(n: int, s: int, e: int, placement: bytes) -> _Classes:
+    # Fixed for a step while the split runs per layer and micro-batch: worth remembering.
+    return _classes(torch.frombuffer(bytearray(placement), dtype=torch.int64).view(n, s), e)
+
+
 def _rank_quota(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
     """The rank split: per flat slot, the pairs it computes. tokens: [N, E]; placement: [N, S].
 
@@ -438,83 +503,67 @@ def _rank_quota(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
     e = tokens.shape[1]
     total = tokens.sum(0)
     grand = int(total.sum())
-    flat = placement.flatten()
-    key = torch.arange(n * s) // s * e + flat
-    pool, where = torch.unique(key, return_inverse=True)  # distinct (rank, expert), sorted
-    first = torch.full((pool.numel(),), n * s, dtype=torch.int64).scatter_reduce(
-        0, where, torch.arange(n * s), "amin"
-    )  # each pool's first slot
     quota = torch.zeros(n * s, dtype=torch.int64)
     if grand == 0:
         return quota
-    pool_rank, pool_expert = pool // e, pool % e
-    own = tokens[pool_rank, pool_expert]  # [P] pairs of the pool's expert from its own rank
+    st = _classes_of(n, s, e, placement.contiguous().numpy().tobytes())
+    own = tokens[st.pool_rank, st.pool_expert]  # [P] pairs of the pool's expert from its own rank
     lower = -(-grand // n)
-    # Class of a rank: its distinct experts (sorted, padded with e), or itself alone.
-    rows = torch.full((n, s), e, dtype=torch.int64)
-    slot_in_rank = torch.arange(pool.numel()) - torch.searchsorted(pool_rank, pool_rank)
-    rows[pool_rank, slot_in_rank] = pool_expert
-    alone = torch.zeros(n, dtype=torch.int64).index_add_(0, pool_rank, own) > lower
-    rows = torch.cat([rows, torch.where(alone, torch.arange(n), -1)[:, None]], 1)
-    # One int64 key per rank (torch.unique over rows is ~10x slower): the row in base n + e + 2,
-    # modulo a prime so that nothing overflows, and checked below.
-    key = torch.zeros(n, dtype=torch.int64)
-    for column in rows.T:
-        key = (key * (n + e + 2) + column + 1) % 2147483647  # a prime, 2**31 - 1
-    _, class_of = torch.unique(key, return_inverse=True)
-    representative = torch.full((n,), n, dtype=torch.int64).scatter_reduce(0, class_of, torch.arange(n), "amin")
-    if not torch.equal(rows, rows[representative[class_of]]):  # a collision: exact but slower
-        _, class_of = torch.unique(rows, dim=0, return_inverse=True)
-    size = torch.bincount(class_of)
-    k = size.numel()
-    cell = class_of[pool_rank] * e + pool_expert
-    class_cells = torch.unique(cell)  # sorted: class by class, experts ascending
+    alone = torch.zeros(n, dtype=torch.int64).index_add_(0, st.pool_rank, own) > lower
+    if bool(alone.any()):
+        st = _classes(placement, e, alone)
+    k = len(st.size)
+    cell = st.cell
     local = torch.zeros(k * e, dtype=torch.int64).index_add_(0, cell, own)
-    experts: list[list[int]] = [[] for _ in range(k)]
-    local_lists: list[list[int]] = [[] for _ in range(k)]
-    for c_e, v in zip(class_cells.tolist(), local[class_cells].tolist()):
-        experts[c_e // e].append(c_e % e)
-        local_lists[c_e // e].append(v)
-    level, lf, rf = _pool_flows(total.tolist(), experts, size.tolist(), local_lists, lower)
+    local_list = local[st.class_cells].tolist()
+    local_lists, start = [], 0
+    for ex in st.experts:
+        local_lists.append(local_list[start : start + len(ex)])
+        start += len(ex)
+    level, lf, rf = _pool_flows(total.tolist(), st.experts, st.size, local_lists, lower, st.inc)
 
     # Back to ranks: a class's local pairs of e go to its ranks in rank order (each at most
     # its own pairs, so a rank's local load stays <= L), then its remote pairs, expert by
     # expert, fill its ranks in rank order up to L.
     local_flow = torch.zeros(k * e, dtype=torch.int64)
     remote_flow = torch.zeros(k * e, dtype=torch.int64)
-    local_flow[class_cells] = torch.tensor([v for row in lf for v in row], dtype=torch.int64)
-    remote_flow[class_cells] = torch.tensor([v for row in rf for v in row], dtype=torch.int64)
-    by_cell = torch.argsort(cell * n + pool_rank)
-    start = torch.searchsorted(cell[by_cell], cell[by_cell])
+    local_flow[st.class_cells] = torch.tensor([v for row in lf for v in row], dtype=torch.int64)
+    remote_flow[st.class_cells] = torch.tensor([v for row in rf for v in row], dtype=torch.int64)
+    by_cell = st.by_cell
     before = torch.cumsum(own[by_cell], 0) - own[by_cell]
-    before -= before[start]
+    before -= before[st.cell_start]
     kept = torch.empty_like(own)
     kept[by_cell] = (local_flow[cell[by_cell]] - before).clamp(min=0).minimum(own[by_cell])
-    base = torch.zeros(n, dtype=torch.int64).index_add_(0, pool_rank, kept)
-    by_class = torch.argsort(class_of * n + torch.arange(n))
-    room = (level - base)[by_class]
+    base = torch.zeros(n, dtype=torch.int64).index_add_(0, st.pool_rank, kept)
+    room = (level - base)[st.by_class]
     room_before = torch.cumsum(room, 0) - room
-    room_before -= room_before[torch.searchsorted(class_of[by_class], class_of[by_class])]
-    class_remote = remote_flow.view(k, e).sum(1)
+    room_before -= room_before[st.class_start]
+    class_remote = remote_flow.view(k, e).sum(1)[st.class_of[st.by_class]]
     lo = torch.empty(n, dtype=torch.int64)
-    lo[by_class] = room_before.minimum(class_remote[class_of[by_class]])
+    lo[st.by_class] = room_before.minimum(class_remote)
     hi = torch.empty(n, dtype=torch.int64)
-    hi[by_class] = (room_before + room).minimum(class_remote[class_of[by_class]])
+    hi[st.by_class] = (room_before + room).minimum(class_remote)
     remote_hi = remote_flow.view(k, e).cumsum(1).flatten()
-    remote = _overlap(lo[pool_rank], hi[pool_rank], remote_hi[cell] - remote_flow[cell], remote_hi[cell])
-    quota[first] = kept + remote
+    remote = _overlap(lo[st.pool_rank], hi[st.pool_rank], remote_hi[cell] - remote_flow[cell], remote_hi[cell])
+    quota[st.first] = kept + remote
     return quota
 
 
 def _pool_flows(
-    total: list[int], classes: list[list[int]], size: list[int], local: list[list[int]], lower: int
+    total: list[int],
+    classes: list[list[int]],
+    size: list[int],
+    local: list[list[int]],
+    lower: int,
+    inc: list[list[tuple[int, int]]],
 ) -> tuple[int, list[list[int]], list[list[int]]]:
     """Exact integer split of each expert's pairs over the rank classes hosting it.
 
     total: [E] pairs per expert; classes: K lists of distinct expert ids, a class being the
     ranks that host exactly these experts; size: [K] ranks per class; local: K lists aligned
     with ``classes``, the pairs of that expert whose source rank is in the class; lower: a
-    lower bound on the answer. Returns (L, local_flow, remote_flow): L is the smallest largest
+    lower bound on the answer; inc: [E] (class, position) pairs hosting each expert. Returns
+    (L, local_flow, remote_flow): L is the smallest largest
     rank load of any split (a class takes at most size * L), and per class and expert the
     pairs it computes from its own sources and from other ranks, with the most local pairs
     among the splits that reach L.
@@ -528,10 +577,6 @@ def _pool_flows(
     local pairs, locality and balance conflict: L* is then found without locality (same
     scheme, no local pairs) and the most local split at L* by a min-cost flow (``_cheapest``).
     """
-    inc: list[list[tuple[int, int]]] = [[] for _ in total]  # expert -> [(class, position)]
-    for c, ex in enumerate(classes):
-        for k, x in enumerate(ex):
-            inc[x].append((c, k))
     level = lower
     for keep_local in (True, False):
         if keep_local:
