@@ -700,22 +700,20 @@ def _augment(inc, classes, flows, local, dist) -> bool:
         queue = collections.deque(roots)
         for x in roots:
             lev_x[x] = 0
-        found = math.inf  # the first level with a class with room: nothing beyond it is needed
+        found = False
         while queue:  # levels: the flow only ever moves one level deeper (no cycles)
             x = queue.popleft()
-            if lev_x[x] >= found:
-                break
             for c, k in inc[x]:
                 if lev_c[c] < 0 and forward(x, c, k) is not None:
                     lev_c[c] = lev_x[x] + 1
-                    if sink(c):
-                        found = lev_c[c]
+                    if sink(c):  # paths end at the first class with room on them
+                        found = True
                         continue
                     for k2, x2 in enumerate(classes[c]):
                         if lev_x[x2] < 0 and backward(c, k2, x2) is not None:
                             lev_x[x2] = lev_c[c] + 1
                             queue.append(x2)
-        if found == math.inf:
+        if not found:
             return moved
         ptr_x, ptr_c = [0] * len(left), [0] * len(cap)
         for root in roots:
