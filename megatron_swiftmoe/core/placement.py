@@ -296,14 +296,15 @@ def place(
     replicas are consecutive in that order, its copies go to the counts_e lightest ranks with a
     free slot at once; when counts_e <= N and enough ranks have room, no rank gets two.
 
-    Then a local search: while the most loaded rank M can swap a replica a with a lighter
-    replica b of another rank r so that both end below load(M) (without putting more than
-    ceil(counts / N) copies of an expert on a rank), it does so with the least loaded such r,
-    choosing the swap that leaves max(load M, load r) smallest (ties: first slots). Each swap
-    lowers the sorted load vector, so it terminates; it stops after ``max_swaps`` (default N)
-    swaps to bound the planning time. A duplicate that LPT was forced into (counts_e <= N) is
-    first swapped away where some rank can take the copy. Loads are float64 sums in a fixed
-    order: every rank computes the same placement.
+    Then a bounded local search: while the most loaded rank M can swap a replica a with a
+    lighter replica b of one of the ``_SWAP_PARTNERS`` least loaded ranks r so that both end
+    below load(M) (without putting more than ceil(counts / N) copies of an expert on a rank),
+    it does so with the least loaded such r, choosing the swap that leaves max(load M, load r)
+    smallest (ties: first slots). Each swap lowers the sorted load vector, so it terminates;
+    it stops after ``max_swaps`` (default N) swaps. Both bounds keep the planning time in
+    check. A duplicate that LPT was forced into (counts_e <= N) is first swapped away where
+    some rank can take the copy. Loads are float64 sums in a fixed order: every rank computes
+    the same placement.
     """
     _check_counts(counts, num_ranks, slots_per_rank)
     if popularity.shape != counts.shape:
