@@ -87,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=4096, help="tokens per rank (seq x batch)")
     p.add_argument("--slots-per-rank", type=int, default=None, help="SwiftMoE slots S (default ceil(1.5 E/N))")
     p.add_argument("--placement", choices=("balanced", "contiguous"), default="balanced")
+    p.add_argument("--replica-counts", choices=("load", "paper"), default="load", help="SwiftMoE replica count rule")
+    p.add_argument("--split", choices=("rank", "replica"), default="rank",
+                   help="SwiftMoE split of each expert's pairs among its replicas")
     p.add_argument("--hot-fraction", type=float, default=0.5, help="share of tokens routed to expert 0 when skewed")
     p.add_argument("--dispatcher", choices=("allgather", "alltoall"), default="allgather",
                    help="stock dispatcher (alltoall needs CUDA)")
@@ -148,7 +151,8 @@ def build_layers(args, device):
 
     swift_config = copy.copy(config)
     swift_config.expert_model_parallel_size = 1
-    swiftmoe = SwiftMoEConfig(slots_per_rank=args.slots_per_rank, placement=args.placement)
+    swiftmoe = SwiftMoEConfig(slots_per_rank=args.slots_per_rank, placement=args.placement,
+                              replica_counts=args.replica_counts, split=args.split)
     swift = SwiftMoELayer(swift_config, submodules=mlp_spec.submodules, swiftmoe=swiftmoe).to(device)
     return stock, swift
 
@@ -325,7 +329,8 @@ def print_environment(args, device, backend) -> None:
           f"{args.tokens} tokens/rank, no bias, no aux loss")
     print(f"stock: MoELayer, SequentialMLP, {args.dispatcher} dispatcher, EP={n} ({e // n} experts/rank)")
     print(f"swiftmoe: SwiftMoELayer, S={s} slots/rank ({n * s} slots for {e} experts), "
-          f"placement '{args.placement}', replicated over the {n} data-parallel ranks")
+          f"placement '{args.placement}', replica counts '{args.replica_counts}', split '{args.split}', "
+          f"replicated over the {n} data-parallel ranks")
     if n * s == e:
         print("  note: N*S == E, one slot per expert: SwiftMoE can re-place but not replicate experts")
     print("  placement planned from a warm-up pass; slot weights are not rewritten (values do not affect timing)")

@@ -105,7 +105,7 @@ def main() -> None:
         swift = run(tree, args, ["--swiftmoe", "--swiftmoe-slots-per-rank", str(args.slots_per_rank)])
     tokens = 4 * args.nproc * 256
     stock_ms, ep1_ms, swift_ms = (median_ms(out, args.warmup) for out in (static, replicated, swift))
-    loads = re.findall(r"max/mean rank load: ([0-9.]+) \(static EP: ([0-9.]+)\)", swift)[args.warmup * 2:]
+    loads = re.findall(r"max/mean rank load per micro-batch: ([0-9.]+) \(static EP: ([0-9.]+)\)", swift)[args.warmup * 2:]
     print(f"Megatron-LM pretrain_gpt.py, {args.nproc} CPU ranks, 8 experts top-1, skewed router, "
           f"median of iterations {args.warmup + 1}..{args.iters}")
     print(f"{'run':<28}{'ms/iter':>10}{'tokens/s':>12}")

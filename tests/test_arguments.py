@@ -443,6 +443,12 @@ def test_transformer_config_mapping():
 def test_swiftmoe_on_and_off():
     on = parse()
     assert on.swiftmoe and A.swiftmoe_config_from_args(on) == SwiftMoEConfig(4, "balanced", "auto")
+    assert (on.swiftmoe_replica_counts, on.swiftmoe_split) == ("load", "rank")
+    paper = parse("--swiftmoe-replica-counts", "paper", "--swiftmoe-split", "replica")
+    assert A.swiftmoe_config_from_args(paper) == SwiftMoEConfig(4, replica_counts="paper", split="replica")
+    for flag, value in (("--swiftmoe-replica-counts", "even"), ("--swiftmoe-split", "slot")):
+        with pytest.raises(SystemExit):
+            parse(flag, value)
     off = parse("--no-swiftmoe")
     assert not off.swiftmoe and A.swiftmoe_config_from_args(off) is None
     # Without --swiftmoe the slots need not cover the experts (they are not used).

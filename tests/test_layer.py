@@ -54,6 +54,10 @@ def test_swiftmoe_config_rejects_bad_values():
         SwiftMoEConfig(placement="random")
     with pytest.raises(ValueError, match="grouped_gemm must be one of"):
         SwiftMoEConfig(grouped_gemm="yes")
+    with pytest.raises(ValueError, match=r"replica_counts must be one of \('load', 'paper'\), got 'even'"):
+        SwiftMoEConfig(replica_counts="even")
+    with pytest.raises(ValueError, match=r"split must be one of \('rank', 'replica'\), got 'slot'"):
+        SwiftMoEConfig(split="slot")
 
 
 def test_spec_conversion_keeps_router_and_rejects_dense_specs():

@@ -69,6 +69,12 @@ def test_two_rank_training_loss_falls(dataset, tmp_path):
             assert sum(layer["tokens_per_rank"]) == routed  # ... and computed once
             assert layer["dropped_tokens"] == 0
             assert sum(layer["replicas_per_expert"]) == 2 * 3
+            # Per micro-batch routing adds up to the iteration's; static EP replayed on it.
+            micro = layer["microbatch_tokens_per_expert"]
+            assert len(micro) == 2 and [sum(col) for col in zip(*micro)] == layer["tokens_per_expert"]
+            static = [max(sum(m[:2]), sum(m[2:])) / (sum(m) / 2) for m in micro]  # experts 0, 1 | 2, 3
+            assert layer["static_max_mean"] == pytest.approx(sum(static) / len(static))
+            assert 1.0 <= layer["realised_max_mean"] <= 2.0
 
 
 @pytest.mark.parametrize("ranks,num_experts", [(2, 4), (3, 6)])
@@ -86,6 +92,8 @@ def test_swiftmoe_and_static_baseline_train_identically(dataset, tmp_path, ranks
     replicas = {tuple(r["layers"][0]["replicas_per_expert"]) for r in swift}
     assert len(replicas) > 1, "SwiftMoE never changed its replica counts"
     assert all(set(r["layers"][0]["replicas_per_expert"]) == {1} for r in static)
+    # A stock layer's realised load is its static layout's.
+    assert all(r["layers"][0]["realised_max_mean"] == r["layers"][0]["static_max_mean"] for r in static)
 
 
 def test_resume_continues_exactly(dataset, tmp_path):

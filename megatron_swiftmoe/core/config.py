@@ -15,6 +15,8 @@ from typing import Optional
 PLACEMENT_POLICIES = ("balanced", "contiguous")
 GROUPED_GEMM_MODES = ("auto", "on", "off")
 DROP_POLICIES = ("probs", "position")
+REPLICA_COUNT_RULES = ("load", "paper")
+SPLIT_RULES = ("rank", "replica")
 
 
 @dataclass
@@ -42,6 +44,14 @@ class SwiftMoEConfig:
             re-balancing: between re-plans the replicas stay; at a re-plan the moved experts'
             parameters and full optimizer state are transferred to their new ranks, as a system
             whose optimizer state lives with the replicas must (see ``SwiftMoEOptimizer``).
+        replica_counts: how many slots each expert gets. ``"load"`` (default) minimises the
+            largest popularity / replicas, with at most one replica per rank until every expert
+            is on every rank (``placement.load_counts``); ``"paper"`` is the paper's rule,
+            replicas proportional to popularity (``placement.replica_counts``).
+        split: how an expert's pairs of a micro-batch are divided among its replicas.
+            ``"rank"`` (default) minimises the largest rank total, then keeps the most pairs on
+            their source rank, treating an expert's slots on one rank as one pool; ``"replica"``
+            gives every replica the same share, as the paper (``placement.split_plan``).
     """
 
     slots_per_rank: int = 4
@@ -50,6 +60,8 @@ class SwiftMoEConfig:
     capacity_factor: Optional[float] = None
     drop_policy: str = "probs"
     replan_interval: int = 1
+    replica_counts: str = "load"
+    split: str = "rank"
 
     def __post_init__(self) -> None:
         if not isinstance(self.slots_per_rank, int) or self.slots_per_rank < 1:
@@ -66,6 +78,12 @@ class SwiftMoEConfig:
             raise ValueError(f"swiftmoe drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
         if not isinstance(self.replan_interval, int) or self.replan_interval < 1:
             raise ValueError(f"swiftmoe replan_interval must be an integer >= 1, got {self.replan_interval!r}")
+        if self.replica_counts not in REPLICA_COUNT_RULES:
+            raise ValueError(
+                f"swiftmoe replica_counts must be one of {REPLICA_COUNT_RULES}, got {self.replica_counts!r}"
+            )
+        if self.split not in SPLIT_RULES:
+            raise ValueError(f"swiftmoe split must be one of {SPLIT_RULES}, got {self.split!r}")
         if self.grouped_gemm not in GROUPED_GEMM_MODES:
             raise ValueError(
                 f"swiftmoe grouped_gemm must be one of {GROUPED_GEMM_MODES}, "
@@ -107,6 +125,18 @@ def add_swiftmoe_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
         "transferred (bytes counted in the metrics as expert_migration). With "
         "--moe-expert-capacity-factor each expert's capacity is proportional to its replicas.",
     )
+    g.add_argument(
+        "--swiftmoe-replica-counts", choices=list(REPLICA_COUNT_RULES), default="load",
+        help="Replicas per expert: load (default) minimises the largest popularity per replica, "
+        "one replica per rank until every expert is on every rank; paper: proportional to "
+        "popularity, the paper's rule.",
+    )
+    g.add_argument(
+        "--swiftmoe-split", choices=list(SPLIT_RULES), default="rank",
+        help="How each micro-batch's pairs of an expert are divided among its replicas: rank "
+        "(default) minimises the largest rank total, then keeps pairs on their source rank; "
+        "replica: an equal share per replica, the paper's rule.",
+    )
     return parser
 
 
@@ -129,4 +159,6 @@ def swiftmoe_config_from_args(args: argparse.Namespace, capacity_factor=_FROM_FL
         capacity_factor=args.moe_expert_capacity_factor if capacity_factor is _FROM_FLAGS else capacity_factor,
         drop_policy=args.moe_token_drop_policy or "probs",
         replan_interval=args.swiftmoe_replan_interval,
+        replica_counts=args.swiftmoe_replica_counts,
+        split=args.swiftmoe_split,
     )

@@ -3,12 +3,13 @@
 Plugs into Megatron-Core's ``MoETokenDispatcher`` interface, so ``MoELayer.forward`` drives
 it unchanged. Per forward pass it
 
-1. all-gathers the ``[E]`` routed-pair counts of every rank (``[N, 2, E]`` with capacity
-   dropping: demand and kept pairs; a few hundred bytes):
-   their column sums are the expert popularity the next placement is planned from, and the
-   matrix is the input of the split plan;
-2. computes the deterministic split plan (``placement.rank_plan``) that
-   gives each replica of an expert the same number of pairs, preferring local replicas;
+1. all-gathers the ``[2, E]`` routed-pair counts (demand and kept pairs) of every rank, a
+   few hundred bytes: their column sums are the expert popularity the next placement is
+   planned from, and the ``[N, E]`` kept pairs are the input of the split plan;
+2. copies them to the host once (the only synchronisation the plan needs) and computes the
+   deterministic split plan there (``placement.rank_plan_with_totals``, ``SwiftMoEConfig.split``):
+   by default the split that minimises the largest rank total, then keeps the most pairs on
+   their source rank; the split sizes of the all-to-alls come out as host integers;
 3. sends pairs to slots with one variable-size all-to-all, and results back with another.
 
 Router probabilities never travel: they scale the expert outputs on the source rank when
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import all_to_all
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_swiftmoe.core.placement import drop_over_capacity, rank_plan, repeat, replica_capacity
+from megatron_swiftmoe.core.placement import drop_over_capacity, rank_plan_with_totals, repeat, replica_capacity
 
 
 def _inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
@@ -49,8 +50,10 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         self.rank = dist.get_rank(self.group)
         self.slots_per_rank = layer.slots_per_rank
         self.last_routed_pairs = 0  # pairs this rank routed and kept in the last forward
-        self.last_tokens_per_slot: torch.Tensor | None = None  # [S] pairs each local slot computes
+        self.last_tokens_per_slot: torch.Tensor | None = None  # [S] pairs each local slot computes (host)
         self.last_dropped_per_expert: torch.Tensor | None = None
+        self.last_rank_totals: torch.Tensor | None = None  # [N] pairs every rank computes (host)
+        self.last_expert_totals: torch.Tensor | None = None  # [E] kept pairs of every expert, all ranks (host)
 
     def dispatch_preprocess(self, tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
         """Plan the split and gather the pairs in send order (slot-major, grouped by rank).
@@ -74,29 +77,38 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         gathered = demand.new_empty(self.num_ranks * 2 * demand.numel())
         dist.all_gather_into_tensor(gathered, torch.cat([demand, kept]), group=self.group)
         gathered = gathered.view(self.num_ranks, 2, -1)
-        counts = gathered[:, 1]
         if self.layer.training and torch.is_grad_enabled():
             self.layer.step_popularity += gathered[:, 0].sum(0)
         self.last_dropped_per_expert = demand - kept
+        counts = gathered[:, 1].cpu()
 
-        send, recv = rank_plan(counts, placement, self.rank)  # [N*S], [S, N]
-
-        # Pairs sorted by expert; each expert's pairs fill its slots in flat slot order.
-        pair_expert, pair_token = routing_map.T.nonzero(as_tuple=True)
-        slots_by_expert = torch.argsort(placement.flatten(), stable=True)
-        pair_slot = repeat(slots_by_expert, send[slots_by_expert])
-        send_order = torch.argsort(pair_slot, stable=True)
-        self.pair_token = pair_token[send_order]
-        self.pair_prob = probs[pair_token, pair_expert][send_order]
+        plan = rank_plan_with_totals(counts, self.layer.host_placement, self.rank, swiftmoe.split)
+        send, recv = plan.send, plan.recv  # [N*S], [S, N], host
         self.send_splits = send.view(self.num_ranks, -1).sum(1).tolist()
         self.recv_splits = recv.sum(0).tolist()
 
+        # Pairs sorted by expert; each expert's pairs fill its slots in flat slot order.
+        device = routing_map.device
+        pair_expert, pair_token = routing_map.T.nonzero(as_tuple=True)
+        slots_by_expert = torch.argsort(self.layer.host_placement.flatten(), stable=True)
+        # Host-to-device copies are non-blocking: a blocking one would wait for the stream.
+        pair_slot = repeat(
+            slots_by_expert.to(device, non_blocking=True),
+            send[slots_by_expert].to(device, non_blocking=True),
+            sum(self.send_splits),
+        )
+        send_order = torch.argsort(pair_slot, stable=True)
+        self.pair_token = pair_token[send_order]
+        self.pair_prob = probs[pair_token, pair_expert][send_order]
+
         # Arrivals come source-major; experts want them slot-major.
-        local_slots = torch.arange(self.slots_per_rank, device=recv.device).repeat(self.num_ranks)
-        arrival_slot = repeat(local_slots, recv.T.flatten())
+        local_slots = torch.arange(self.slots_per_rank, device=device).repeat(self.num_ranks)
+        arrival_slot = repeat(local_slots, recv.T.flatten().to(device, non_blocking=True), sum(self.recv_splits))
         self.slot_major = torch.argsort(arrival_slot, stable=True)
-        self.last_routed_pairs = int(kept.sum())
+        self.last_routed_pairs = sum(self.send_splits)
         self.last_tokens_per_slot = recv.sum(1)
+        self.last_rank_totals = plan.totals
+        self.last_expert_totals = counts.sum(0)
         return hidden[self.pair_token], None
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs):

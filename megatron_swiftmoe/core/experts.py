@@ -112,7 +112,8 @@ class SlotExperts(MegatronModule):
             ``([T, H], None)`` (no bias), the interface of Megatron's experts modules.
         """
         if self._use_grouped_gemm(tokens):
-            offsets = torch.cumsum(tokens_per_slot, 0).to(torch.int32)
+            # tokens_per_slot lives on the host (the dispatcher plans there): no sync to read it.
+            offsets = torch.cumsum(tokens_per_slot, 0).to(torch.int32).to(tokens.device, non_blocking=True)
             hidden = torch._grouped_mm(tokens, self.fc1.transpose(1, 2), offs=offsets)
             return torch._grouped_mm(self._activation(hidden), self.fc2.transpose(1, 2), offs=offsets), None
         outputs = []

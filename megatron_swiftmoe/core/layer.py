@@ -94,12 +94,19 @@ def shard_rectangles(
 
 
 def plan_placement(popularity: torch.Tensor, num_ranks: int, swiftmoe: SwiftMoEConfig) -> torch.Tensor:
-    """Replica counts and placement ``[N, S]`` for ``popularity [E]``, per ``swiftmoe.placement``."""
+    """Replica counts (``swiftmoe.replica_counts``) and placement ``[N, S]`` (``swiftmoe.placement``)
+    for ``popularity [E]``, planned on the host (one copy per layer and step), returned on its device."""
     slots = swiftmoe.slots_per_rank
-    counts = placement_lib.replica_counts(popularity, num_ranks * slots)
+    host = popularity.detach().cpu()
+    if swiftmoe.replica_counts == "paper":
+        counts = placement_lib.replica_counts(host, num_ranks * slots)
+    else:
+        counts = placement_lib.load_counts(host, num_ranks, slots)
     if swiftmoe.placement == "contiguous":
-        return placement_lib.place_contiguous(counts, num_ranks, slots)
-    return placement_lib.place(popularity, counts, num_ranks, slots)
+        layout = placement_lib.place_contiguous(counts, num_ranks, slots)
+    else:
+        layout = placement_lib.place(host, counts, num_ranks, slots)
+    return layout.to(popularity.device)
 
 
 def _check_supported(config: TransformerConfig, num_ranks: int, swiftmoe: SwiftMoEConfig) -> None:
@@ -197,6 +204,19 @@ class SwiftMoELayer(MoELayer):
     def slot_experts(self) -> torch.Tensor:
         """Expert id held by each local slot, ``[S]``."""
         return self.placement[self.rank]
+
+    @property
+    def host_placement(self) -> torch.Tensor:
+        """``placement`` on the host, copied once per change (the dispatcher plans on the host).
+
+        Keyed on the buffer's storage and version, so ``set_placement``, ``load_state_dict``
+        and moving the module all refresh it.
+        """
+        key = (self.placement.data_ptr(), self.placement._version)
+        if getattr(self, "_host_placement_key", None) != key:
+            self._host_placement = self.placement.cpu()
+            self._host_placement_key = key
+        return self._host_placement
 
     def _init_expert_weights(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Every expert initialised like a Megatron expert MLP (same on every rank)."""

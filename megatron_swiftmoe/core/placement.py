@@ -6,14 +6,26 @@ a placement is an int64 ``[N, S]`` tensor of expert ids, so ``placement.flatten(
 is the flat slot list. Every slot holds a replica of exactly one expert and every
 expert has at least one replica.
 
-All functions are pure torch: no process groups, no hard-coded device (outputs live
-on the inputs' device), and deterministic, so every rank that calls them with the
-same (all-reduced / all-gathered) inputs gets bit-identical results and no
-collective is needed to agree on a placement or plan.
+All functions are pure: no process groups, no hard-coded device (outputs live on the
+inputs' device), and deterministic, so every rank that calls them with the same
+(all-reduced / all-gathered) inputs gets bit-identical results and no collective is
+needed to agree on a placement or plan. Counts, packing and the rank split are small and
+sequential: they run on host copies of their inputs (integers and float64 in a fixed
+order), which on a GPU costs one copy in and no synchronisation inside.
+
+The split treats the slots of one expert on one rank as one pool (``split_plan``). What
+spreads an expert's load is then the number of *ranks* hosting it, so replica counts
+(``load_counts``) are host counts, at most N each, until every expert is on every rank;
+a second copy on a rank would only cost a slot's memory.
 """
 
 from __future__ import annotations
 
+import bisect
+import collections
+import functools
+import heapq
+import math
 from typing import NamedTuple
 
 import torch
@@ -24,24 +36,31 @@ __all__ = [
     "replica_capacity",
     "drop_over_capacity",
     "replica_counts",
+    "load_counts",
     "place",
     "place_contiguous",
     "rank_loads",
     "split_plan",
     "rank_plan",
+    "rank_plan_with_totals",
+    "RankPlan",
+    "SPLIT_RULES",
     "send_counts",
     "recv_counts",
 ]
 
 
-def repeat(values: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def repeat(values: torch.Tensor, counts: torch.Tensor, total: int | None = None) -> torch.Tensor:
     """``values[i]`` repeated ``counts[i]`` times: ``torch.repeat_interleave`` without its
     multi-threaded CPU kernel, which costs ~0.25 ms a call with 2 threads (vs. ~10 us here).
 
-    values: [K]; counts: int [K], non-negative. Returns [counts.sum()].
+    values: [K]; counts: int [K], non-negative; total: ``counts.sum()`` if the caller knows
+    it (on a GPU, reading it back would synchronise). Returns [counts.sum()].
     """
     ends = torch.cumsum(counts, 0)
-    positions = torch.arange(int(ends[-1]) if ends.numel() else 0, device=values.device)
+    if total is None:
+        total = int(ends[-1]) if ends.numel() else 0
+    positions = torch.arange(total, device=values.device)
     return values[torch.searchsorted(ends, positions, right=True)]
 
 
@@ -135,11 +154,15 @@ def replica_counts(popularity: torch.Tensor, num_slots: int) -> torch.Tensor:
     return counts
 
 
-def _check_counts(counts: torch.Tensor, num_ranks: int, slots_per_rank: int) -> None:
+def _check_layout_args(num_ranks: int, slots_per_rank: int) -> None:
     if num_ranks < 1:
         raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
     if slots_per_rank < 1:
         raise ValueError(f"slots_per_rank must be >= 1, got {slots_per_rank}")
+
+
+def _check_counts(counts: torch.Tensor, num_ranks: int, slots_per_rank: int) -> None:
+    _check_layout_args(num_ranks, slots_per_rank)
     if counts.dim() != 1 or counts.numel() == 0 or counts.is_floating_point():
         raise ValueError(f"counts must be a non-empty 1-D integer tensor [E], got {counts.dtype} {tuple(counts.shape)}")
     if bool((counts < 1).any()):
@@ -163,56 +186,211 @@ def place_contiguous(counts: torch.Tensor, num_ranks: int, slots_per_rank: int) 
     return flat.view(num_ranks, slots_per_rank)
 
 
-def place(popularity: torch.Tensor, counts: torch.Tensor, num_ranks: int, slots_per_rank: int) -> torch.Tensor:
+def load_counts(popularity: torch.Tensor, num_ranks: int, slots_per_rank: int) -> torch.Tensor:
+    """Replica counts that minimise the largest load per host, popularity_e / counts_e.
+
+    popularity: [E] non-negative tokens per expert (int or float; all zero counts as uniform).
+    Returns int64 [E] on popularity's device, every entry >= 1, summing to exactly N*S.
+
+    Why at most N: the rank split (``split_plan``) treats the slots of one expert on one rank
+    as one pool, so what spreads an expert's load is the number of *ranks* hosting it; a second
+    copy on a rank only costs memory. Under the equal-replica split a rank holding k of e's c
+    copies takes k/c of e, and the fullest host holds ceil(c/N) of them, so its share
+    ceil(c/N) * p_e / c is never below p_e / N either: counts above N never lower the maximum.
+    Hence, when N*S <= E*N (S <= E), counts are host counts in [1, N]: starting from one each,
+    every further slot goes to the expert with the largest popularity_e / counts_e among those
+    below N (ties: lowest id). This greedy is exact for the separable min-max problem, so
+
+        lambda* = max_e popularity_e / counts_e
+                = min { max_e p_e / c_e : 1 <= c_e <= N, sum_e c_e = N*S },
+
+    and with P = sum(popularity), F = N*S:  max(P / F, max_e p_e / N) <= lambda* <=
+    max(P / (F - E), max_e p_e / N) for F > E (the upper bound: c_e = min(N, 1 +
+    floor(p_e (F - E) / P)) fits in F slots). lambda* is also a lower bound on the largest
+    rank load of *any* placement on N ranks x S slots under either split, since the busiest
+    host of e takes at least p_e / min(c_e, N). Counts are monotone: p_a > p_b (or p_a = p_b
+    and a < b) implies c_a >= c_b. When S > E every expert is on every rank and the S - E
+    spare slots of each rank hold whole extra rounds of N copies, hottest experts first, so
+    every rank holds the same number of copies of each expert.
+    """
+    _check_popularity(popularity)
+    _check_layout_args(num_ranks, slots_per_rank)
+    n, e = num_ranks, popularity.numel()
+    f = n * slots_per_rank
+    if f < e:
+        raise ValueError(
+            f"num_ranks * slots_per_rank ({num_ranks} * {slots_per_rank} = {f}) must be >= number of "
+            f"experts ({e}): every expert needs at least one replica; raise slots_per_rank or the number of ranks"
+        )
+    pop = popularity.detach().to("cpu", torch.float64)
+    if not bool(pop.sum() > 0):
+        pop = torch.ones_like(pop)
+    if f >= e * n:
+        spare = slots_per_rank - e
+        position = torch.empty(e, dtype=torch.int64)
+        position[torch.argsort(pop, descending=True, stable=True)] = torch.arange(e)
+        rounds = 1 + spare // e + (position < spare % e).to(torch.int64)
+        return (rounds * n).to(popularity.device)
+    # extra[e] = replicas beyond the first; extra slot k of e (k = 1..N-1) has priority p_e / k.
+    budget, positive = f - e, pop > 0
+    if budget == 0:
+        return torch.ones(e, dtype=torch.int64, device=popularity.device)
+    if budget >= int(positive.sum()) * (n - 1):
+        # Every popular expert on every rank; the rest go to idle experts, lowest id first
+        # (their priorities are all 0), as the greedy would.
+        extra = torch.where(positive, n - 1, 0).to(torch.int64)
+        idle = torch.nonzero(~positive).flatten()
+        left = budget - int(positive.sum()) * (n - 1)
+        extra[idle] = (left - torch.arange(idle.numel()) * (n - 1)).clamp(0, n - 1)
+        return (1 + extra).to(popularity.device)
+    # Threshold lam solving sum_e min(N-1, p_e / lam) = budget: with the j most popular experts
+    # capped, lam_j = (popularity of the others) / (budget - (N-1) j); the right j is the first
+    # whose next expert stays below the cap. Its precision only affects how much is left to
+    # the heap below, not the result.
+    q = torch.sort(pop, descending=True).values
+    j = torch.arange(e, dtype=torch.float64)
+    denominator = budget - (n - 1) * j
+    lam_j = (q.sum() - torch.cumsum(q, 0) + q) / denominator.clamp(min=1)
+    fits = (denominator > 0) & (q < (n - 1) * lam_j)
+    lam = float(lam_j[int(torch.argmax(fits.to(torch.int8)))]) if bool(fits.any()) else float(pop.sum()) / budget
+    # ... then take exactly the items with priority >= lam (float-exact: m_e counts k with
+    # p_e / k >= lam), which is a prefix of the greedy order, and finish the greedy on a heap.
+    extra = torch.floor(pop / lam).clamp(0, n - 1).to(torch.int64)
+    for _ in range(2):
+        extra -= ((extra >= 1) & (pop / extra.clamp(min=1) < lam)).to(torch.int64)
+        extra += ((extra < n - 1) & (pop / (extra + 1) >= lam)).to(torch.int64)
+    counts = (1 + extra).tolist()
+    p = pop.tolist()
+    short = budget - int(extra.sum())
+    if short > 0:  # next priorities, largest first, ties by lowest id
+        heap = [(-p[i] / counts[i], i) for i in range(e) if counts[i] < n and p[i] > 0]
+        heapq.heapify(heap)
+        for _ in range(short):
+            _, i = heapq.heappop(heap)
+            counts[i] += 1
+            if counts[i] < n:
+                heapq.heappush(heap, (-p[i] / counts[i], i))
+    elif short < 0:  # float rounding took one too many: drop the smallest taken, highest id first
+        heap = [(p[i] / (counts[i] - 1), -i) for i in range(e) if counts[i] > 1]
+        heapq.heapify(heap)
+        for _ in range(-short):
+            _, i = heapq.heappop(heap)
+            counts[-i] -= 1
+            if counts[-i] > 1:
+                heapq.heappush(heap, (p[-i] / (counts[-i] - 1), i))
+    return torch.tensor(counts, dtype=torch.int64, device=popularity.device)
+
+
+def place(
+    popularity: torch.Tensor, counts: torch.Tensor, num_ranks: int, slots_per_rank: int, max_swaps: int | None = None
+) -> torch.Tensor:
     """Balanced placement of ``counts[e]`` replicas of each expert onto N ranks x S slots.
 
     popularity: [E] tokens per expert; counts: [E] int >= 1 summing to N*S.
-    Returns int64 [N, S] expert ids, each rank's slots sorted by expert id.
+    Returns int64 [N, S] expert ids on counts' device, each rank's slots sorted by expert id.
 
-    Replicas carry load popularity_e / counts_e. They are dealt heaviest first in S
-    rounds of N, each round giving the heaviest remaining replicas to the currently
-    lightest ranks (a round-based LPT). Replicas of one expert are contiguous in the
-    dealing order, so only the first expert of a round can already sit on a rank;
-    its replicas go to the lightest ranks holding fewer than ceil(counts_e / N)
-    copies of it. Hence no rank holds more than ceil(counts_e / N) copies of e, so
-    never two when counts_e <= N (a duplicate would only waste a slot); above that,
-    duplicates are unavoidable and load decides where they go.
+    A replica of e carries w_e = popularity_e / counts_e. Longest processing time first:
+    replicas, heaviest first (ties: lowest expert id), each go to the lightest rank with a free
+    slot that does not hold the expert yet (ties: lowest rank), or, only if every rank with a
+    free slot holds it, to the lightest of those holding the fewest copies. Because an expert's
+    replicas are consecutive in that order, its copies go to the counts_e lightest ranks with a
+    free slot at once; when counts_e <= N and enough ranks have room, no rank gets two.
+
+    Then a bounded local search: while the most loaded rank M can swap a replica a with a
+    lighter replica b of one of the ``_SWAP_PARTNERS`` least loaded ranks r so that both end
+    below load(M) (without putting more than ceil(counts / N) copies of an expert on a rank),
+    it does so with the least loaded such r, choosing the swap that leaves max(load M, load r)
+    smallest (ties: first slots). Each swap lowers the sorted load vector, so it terminates;
+    it stops after ``max_swaps`` (default N) swaps. Both bounds keep the planning time in
+    check. A duplicate that LPT was forced into (counts_e <= N) is first swapped away where
+    some rank can take the copy. Loads are float64 sums in a fixed order: every rank computes
+    the same placement.
     """
     _check_counts(counts, num_ranks, slots_per_rank)
     if popularity.shape != counts.shape:
         raise ValueError(f"popularity shape {tuple(popularity.shape)} must match counts shape {tuple(counts.shape)}")
     _check_popularity(popularity)
     n, s = num_ranks, slots_per_rank
-    dev = counts.device
-    counts = counts.to(torch.int64)
-    weight = popularity.to(device=dev, dtype=torch.float64) / counts
-    experts = repeat(torch.arange(counts.numel(), device=dev), counts)
-    weight = weight[experts]
-    # Stable: equal loads keep expert-id order, which keeps each expert contiguous.
-    order = torch.argsort(weight, descending=True, stable=True)
-    experts, weight = experts[order].view(s, n), weight[order].view(s, n)
+    c = counts.tolist()
+    pop = popularity.detach().to("cpu", torch.float64)
+    if not bool(pop.sum() > 0):
+        pop = torch.ones_like(pop)  # as load_counts: all zero counts as uniform
+    w = [p / k for p, k in zip(pop.tolist(), c)]
+    slots: list[list[int]] = [[] for _ in range(n)]
+    load = [0.0] * n
+    heap = [(0.0, r) for r in range(n)]  # ranks with a free slot, lightest first
+    for expert in sorted(range(len(c)), key=lambda i: (-w[i], i)):
+        left = c[expert]
+        while left:  # one round: one more copy on each of the lightest ranks with room
+            batch = [heapq.heappop(heap) for _ in range(min(left, len(heap)))]
+            for _, r in batch:
+                slots[r].append(expert)
+                load[r] += w[expert]
+            for _, r in batch:
+                if len(slots[r]) < s:
+                    heapq.heappush(heap, (load[r], r))
+            left -= len(batch)
+    _local_search(slots, load, w, c, n if max_swaps is None else max_swaps)
+    return torch.tensor([sorted(row) for row in slots], dtype=torch.int64, device=counts.device)
 
-    out = torch.empty(n, s, dtype=torch.int64, device=dev)
-    load = torch.zeros(n, dtype=torch.float64, device=dev)
-    pos = torch.arange(n, device=dev)
-    for r in range(s):
-        ranks = torch.argsort(load, stable=True)
-        if r > 0:
-            first = experts[r, 0]
-            m = (experts[r] == first).sum()
-            cap = (counts[first] + n - 1) // n
-            # The first expert's m replicas go to the lightest ranks still below
-            # ceil(counts / N) copies of it; everyone else keeps lightest-first order.
-            full = (out[:, :r] == first).sum(1) >= cap
-            pref = torch.argsort(full[ranks].to(torch.int8), stable=True)
-            rank_in_pref = torch.empty_like(pref)
-            rank_in_pref[pref] = pos
-            key = torch.where(rank_in_pref < m, rank_in_pref, m + pos)
-            ranks = ranks[torch.argsort(key)]
-        out[ranks, r] = experts[r]
-        # Gather-add-scatter with unique indices: no atomics, so bitwise reproducible.
-        load[ranks] = load[ranks] + weight[r]
-    return out.sort(dim=1).values
+
+_SWAP_PARTNERS = 8  # least loaded ranks a swap may use: bounds the cost of a failed search
+
+
+def _local_search(slots: list[list[int]], load: list[float], w: list[float], c: list[int], max_swaps: int) -> None:
+    """The swaps of ``place``, in place. slots: N lists of expert ids; load: [N]; w, c: [E]."""
+    n = len(slots)
+    cap = [-(-k // n) for k in c]  # copies of an expert one rank may hold: ceil(counts / N)
+    held = [collections.Counter(row) for row in slots]
+    ranked = sorted((l, r) for r, l in enumerate(load))
+
+    def swap(m: int, i: int, r: int, j: int) -> None:
+        a, b = slots[m][i], slots[r][j]
+        for rank, gain in ((m, w[b] - w[a]), (r, w[a] - w[b])):
+            del ranked[bisect.bisect_left(ranked, (load[rank], rank))]
+            load[rank] += gain
+            bisect.insort(ranked, (load[rank], rank))
+        slots[m][i], slots[r][j] = b, a
+        held[m][a] -= 1
+        held[m][b] += 1
+        held[r][b] -= 1
+        held[r][a] += 1
+
+    def best_swap(m: int, slot_ids, partners, bound: float) -> tuple | None:
+        # With the first partner r (lightest first) that can take one of m's replicas `slot_ids`
+        # for another leaving max(load m, load r) below `bound`: the swap that leaves it
+        # smallest, as (max, i, r, j). Only for a lighter replica, unless repairing (bound inf).
+        for r in partners:
+            if (load[m] + load[r]) / 2 >= bound:  # nor with any heavier partner
+                break
+            if r == m:
+                continue
+            best = None
+            for i in slot_ids:
+                a = slots[m][i]
+                if held[r][a] >= cap[a]:
+                    continue
+                for j, b in enumerate(slots[r]):
+                    d = w[a] - w[b]
+                    if b == a or held[m][b] >= cap[b] or (d <= 0 and bound < math.inf):
+                        continue
+                    worse = max(load[m] - d, load[r] + d)
+                    if worse < (bound if best is None else best[0]):
+                        best = (worse, i, r, j)
+            if best:
+                return best
+        return None
+
+    for m in range(n):  # duplicates LPT was forced into: move a copy to a rank that can take it
+        for i, a in enumerate(slots[m]):
+            if held[m][a] > cap[a] and (found := best_swap(m, [i], range(n), math.inf)):
+                swap(m, *found[1:])
+    for _ in range(max_swaps):
+        top, m = ranked[-1]
+        found = best_swap(m, range(len(slots[m])), [r for _, r in ranked[:_SWAP_PARTNERS]], top)
+        if found is None:
+            return
+        swap(m, *found[1:])
 
 
 def rank_loads(popularity: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
@@ -225,69 +403,454 @@ def rank_loads(popularity: torch.Tensor, placement: torch.Tensor) -> torch.Tenso
     return weight[placement].sum(1)
 
 
+SPLIT_RULES = ("rank", "replica")
+
+
 class _SplitState(NamedTuple):
     slot_expert: torch.Tensor  # [F] expert of each flat slot
     local: torch.Tensor  # [F] tokens slot j takes from its own rank
     demand_lo: torch.Tensor  # [F] residual demand interval of slot j on its expert's number line
     demand_hi: torch.Tensor  # [F]
     supply: torch.Tensor  # [N, E] residual tokens rank i still has to send for expert e
+    totals: torch.Tensor  # [N] pairs each rank computes
 
 
-def _split_state(tokens: torch.Tensor, placement: torch.Tensor) -> _SplitState:
-    """Local fill, residual demand prefix sums and residual supply shared by the plan views.
+def _replica_quota(total: torch.Tensor, slot_expert: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The paper's split: every slot of e gets T_e // c_e, the first T_e % c_e one more. [F]."""
+    order = torch.argsort(slot_expert, stable=True)
+    occ = torch.empty_like(order)
+    occ[order] = torch.arange(order.numel()) - (counts.cumsum(0) - counts)[slot_expert[order]]
+    t = total[slot_expert]
+    c = counts.clamp(min=1)[slot_expert]
+    return t // c + (occ < t % c).to(torch.int64)
+
+
+class _Classes(NamedTuple):
+    """What the rank split needs of a placement: pools (distinct (rank, expert)), rank classes
+    (ranks hosting the same experts), and orders to spread a class's flows over its ranks."""
+
+    first: torch.Tensor  # [P] first flat slot of each pool, pools sorted by (rank, expert)
+    pool_rank: torch.Tensor  # [P]
+    pool_expert: torch.Tensor  # [P]
+    class_of: torch.Tensor  # [N] class of each rank
+    size: list[int]  # [K] ranks per class
+    cell: torch.Tensor  # [P] class * E + expert of each pool
+    class_cells: torch.Tensor  # [C] distinct cells, sorted: class by class, experts ascending
+    experts: list[list[int]]  # [K] experts of each class
+    inc: list[list[tuple[int, int]]]  # [E] (class, position in its experts) hosting each expert
+    by_cell: torch.Tensor  # [P] pools by (cell, rank)
+    cell_start: torch.Tensor  # [P] position in by_cell of the first pool of the same cell
+    by_class: torch.Tensor  # [N] ranks by (class, rank)
+    class_start: torch.Tensor  # [N] position in by_class of the first rank of the same class
+
+
+def _classes(placement: torch.Tensor, e: int, alone: torch.Tensor | None = None) -> _Classes:
+    """placement: [N, S] (host); alone: bool [N], ranks that must form a class of their own."""
+    n, s = placement.shape
+    pool, where = torch.unique(torch.arange(n * s) // s * e + placement.flatten(), return_inverse=True)
+    first = torch.full((pool.numel(),), n * s, dtype=torch.int64).scatter_reduce(0, where, torch.arange(n * s), "amin")
+    pool_rank, pool_expert = pool // e, pool % e
+    # Class key of a rank: its distinct experts (sorted, padded with e), and its id if alone.
+    rows = torch.full((n, s + 1), -1, dtype=torch.int64)
+    rows[:, :s] = e
+    rows[pool_rank, torch.arange(pool.numel()) - torch.searchsorted(pool_rank, pool_rank)] = pool_expert
+    if alone is not None:
+        rows[:, s] = torch.where(alone, torch.arange(n), -1)
+    # One int64 key per rank (torch.unique over rows is ~10x slower): the row in base n + e + 2,
+    # modulo a prime so that nothing overflows, and checked below.
+    key = torch.zeros(n, dtype=torch.int64)
+    for column in rows.T:
+        key = (key * (n + e + 2) + column + 1) % 2147483647  # a prime, 2**31 - 1
+    _, class_of = torch.unique(key, return_inverse=True)
+    representative = torch.full((n,), n, dtype=torch.int64).scatter_reduce(0, class_of, torch.arange(n), "amin")
+    if not torch.equal(rows, rows[representative[class_of]]):  # a collision: exact but slower
+        _, class_of = torch.unique(rows, dim=0, return_inverse=True)
+    size = torch.bincount(class_of)
+    cell = class_of[pool_rank] * e + pool_expert
+    class_cells = torch.unique(cell)
+    experts: list[list[int]] = [[] for _ in range(size.numel())]
+    inc: list[list[tuple[int, int]]] = [[] for _ in range(e)]
+    for c_e in class_cells.tolist():
+        c, x = divmod(c_e, e)
+        inc[x].append((c, len(experts[c])))
+        experts[c].append(x)
+    by_cell = torch.argsort(cell, stable=True)  # pools are in rank order already
+    by_class = torch.argsort(class_of, stable=True)
+    return _Classes(
+        first, pool_rank, pool_expert, class_of, size.tolist(), cell, class_cells, experts, inc, by_cell,
+        torch.searchsorted(cell[by_cell], cell[by_cell]), by_class,
+        torch.searchsorted(class_of[by_class], class_of[by_class]),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _classes_of(n: int, s: int, e: int, placement: bytes) -> _Classes:
+    # Fixed for a step while the split runs per layer and micro-batch: worth remembering.
+    return _classes(torch.frombuffer(bytearray(placement), dtype=torch.int64).view(n, s), e)
+
+
+def _rank_quota(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
+    """The rank split: per flat slot, the pairs it computes. tokens: [N, E]; placement: [N, S].
+
+    The slots of expert e on rank r are one pool: its first slot computes all of the pool's
+    pairs x[e, r], the others none. x minimises the largest rank total max_r sum_e x[e, r],
+    and among such splits keeps the most pairs on their source rank (local: the fewest sent).
+    Ranks hosting the same experts are solved as one class of m ranks taking up to m * L
+    (``_pool_flows``, exact), then spread over its ranks, which needs every rank's own pairs to
+    fit under L: ranks whose own pairs of their experts exceed ceil(T / N) <= L form classes
+    of one. Host tensors in, host tensor out.
+    """
+    n, s = placement.shape
+    e = tokens.shape[1]
+    total = tokens.sum(0)
+    grand = int(total.sum())
+    quota = torch.zeros(n * s, dtype=torch.int64)
+    if grand == 0:
+        return quota
+    st = _classes_of(n, s, e, placement.contiguous().numpy().tobytes())
+    own = tokens[st.pool_rank, st.pool_expert]  # [P] pairs of the pool's expert from its own rank
+    lower = -(-grand // n)
+    alone = torch.zeros(n, dtype=torch.int64).index_add_(0, st.pool_rank, own) > lower
+    if bool(alone.any()):
+        st = _classes(placement, e, alone)
+    k = len(st.size)
+    cell = st.cell
+    local = torch.zeros(k * e, dtype=torch.int64).index_add_(0, cell, own)
+    local_list = local[st.class_cells].tolist()
+    local_lists, start = [], 0
+    for ex in st.experts:
+        local_lists.append(local_list[start : start + len(ex)])
+        start += len(ex)
+    level, lf, rf = _pool_flows(total.tolist(), st.experts, st.size, local_lists, lower, st.inc)
+
+    # Back to ranks: a class's local pairs of e go to its ranks in rank order (each at most
+    # its own pairs, so a rank's local load stays <= L), then its remote pairs, expert by
+    # expert, fill its ranks in rank order up to L.
+    local_flow = torch.zeros(k * e, dtype=torch.int64)
+    remote_flow = torch.zeros(k * e, dtype=torch.int64)
+    local_flow[st.class_cells] = torch.tensor([v for row in lf for v in row], dtype=torch.int64)
+    remote_flow[st.class_cells] = torch.tensor([v for row in rf for v in row], dtype=torch.int64)
+    by_cell = st.by_cell
+    before = torch.cumsum(own[by_cell], 0) - own[by_cell]
+    before -= before[st.cell_start]
+    kept = torch.empty_like(own)
+    kept[by_cell] = (local_flow[cell[by_cell]] - before).clamp(min=0).minimum(own[by_cell])
+    base = torch.zeros(n, dtype=torch.int64).index_add_(0, st.pool_rank, kept)
+    room = (level - base)[st.by_class]
+    room_before = torch.cumsum(room, 0) - room
+    room_before -= room_before[st.class_start]
+    class_remote = remote_flow.view(k, e).sum(1)[st.class_of[st.by_class]]
+    lo = torch.empty(n, dtype=torch.int64)
+    lo[st.by_class] = room_before.minimum(class_remote)
+    hi = torch.empty(n, dtype=torch.int64)
+    hi[st.by_class] = (room_before + room).minimum(class_remote)
+    remote_hi = remote_flow.view(k, e).cumsum(1).flatten()
+    remote = _overlap(lo[st.pool_rank], hi[st.pool_rank], remote_hi[cell] - remote_flow[cell], remote_hi[cell])
+    quota[st.first] = kept + remote
+    return quota
+
+
+def _pool_flows(
+    total: list[int],
+    classes: list[list[int]],
+    size: list[int],
+    local: list[list[int]],
+    lower: int,
+    inc: list[list[tuple[int, int]]],
+) -> tuple[int, list[list[int]], list[list[int]]]:
+    """Exact integer split of each expert's pairs over the rank classes hosting it.
+
+    total: [E] pairs per expert; classes: K lists of distinct expert ids, a class being the
+    ranks that host exactly these experts; size: [K] ranks per class; local: K lists aligned
+    with ``classes``, the pairs of that expert whose source rank is in the class; lower: a
+    lower bound on the answer; inc: [E] (class, position) pairs hosting each expert. Returns
+    (L, local_flow, remote_flow): L is the smallest largest
+    rank load of any split (a class takes at most size * L), and per class and expert the
+    pairs it computes from its own sources and from other ranks, with the most local pairs
+    among the splits that reach L.
+
+    A flow from the experts to the classes with capacities size * L, for a rising L. Every
+    local pair placed first, the rest straight to classes with room, then augmenting paths
+    that move remote pairs only: while that places everything it is also the most local split.
+    If no class with room is reachable from the unplaced pairs, the experts K and classes R
+    reachable form a closed set (K's pairs can only land in R), so L* >= ceil(T(K) / |R|) > L:
+    L rises to that and the flow is kept. If a class with room is reachable only by moving
+    local pairs, locality and balance conflict: L* is then found without locality (same
+    scheme, no local pairs) and the most local split at L* by a min-cost flow (``_cheapest``).
+    """
+    level = lower
+    for keep_local in (True, False):
+        if keep_local:
+            flows = _flows_at(level, total, classes, size, local)
+        else:  # L* without locality, then the most local split at L*
+            none = [[0] * len(ex) for ex in classes]
+            flows = _flows_at(level, total, classes, size, none)
+            while not _place(inc, classes, flows, none):
+                level = _raise(inc, classes, flows, level, total, size)
+            flows = _flows_at(level, total, classes, size, local)
+        while not _place(inc, classes, flows, local):
+            if not flows.pinned or _reach(inc, classes, flows)[2]:
+                break
+            level = _raise(inc, classes, flows, level, total, size)
+        else:
+            return level, flows.lf, flows.rf
+        if not keep_local and _cheapest(inc, classes, flows, local):
+            return level, flows.lf, flows.rf
+    raise AssertionError("no split at the smallest feasible load")  # unreachable: L* is feasible
+
+
+class _Flows:
+    """Flow state of ``_pool_flows``: per class and expert position, local and remote pairs."""
+
+    def __init__(self, level, total, classes, size, local):
+        self.cap = [m * level for m in size]
+        self.lf = [[0] * len(ex) for ex in classes]
+        self.rf = [[0] * len(ex) for ex in classes]
+        self.load = [0] * len(classes)
+        self.left = list(total)
+        self.pinned = True  # every local pair placed locally
+
+
+def _flows_at(level, total, classes, size, local) -> _Flows:
+    flows = _Flows(level, total, classes, size, local)
+    for c, ex in enumerate(classes):  # local pairs first, as far as the class has room
+        for k, x in enumerate(ex):
+            flows.lf[c][k] = take = min(local[c][k], flows.cap[c] - flows.load[c])
+            flows.load[c] += take
+            flows.left[x] -= take
+            flows.pinned &= take == local[c][k]
+    return flows
+
+
+def _place(inc, classes, flows, local) -> bool:
+    """Fill, then augment through remote pairs; True when every pair is placed."""
+    cap, load, left, rf = flows.cap, flows.load, flows.left, flows.rf
+    # Straight to hosting classes with room: experts with fewest classes first, roomiest first.
+    for x in sorted((x for x in range(len(left)) if left[x]), key=lambda x: (len(inc[x]), x)):
+        for c, k in sorted(inc[x], key=lambda ck: (load[ck[0]] - cap[ck[0]], ck[0])):
+            d = min(cap[c] - load[c], left[x])
+            if d <= 0:
+                break
+            rf[c][k] += d
+            load[c] += d
+            left[x] -= d
+    if any(left):
+        _augment(inc, classes, flows, local, None)
+    return not any(left)
+
+
+def _raise(inc, classes, flows, level, total, size) -> int:
+    """The bound of the closed set reachable from the unplaced pairs; capacities follow."""
+    experts, reached, _ = _reach(inc, classes, flows)
+    level = max(level + 1, -(-sum(total[x] for x in experts) // sum(size[c] for c in reached)))
+    flows.cap = [m * level for m in size]
+    return level
+
+
+def _reach(inc, classes, flows) -> tuple[list[int], list[int], bool]:
+    """Experts and classes reachable from unplaced pairs by moving any placed pair, and whether
+    a reachable class has room."""
+    left, lf, rf = flows.left, flows.lf, flows.rf
+    seen_x = [bool(v) for v in left]
+    seen_c = [False] * len(flows.cap)
+    queue = collections.deque(x for x in range(len(left)) if left[x])
+    room = False
+    while queue:
+        x = queue.popleft()
+        for c, _ in inc[x]:
+            if seen_c[c]:
+                continue
+            seen_c[c] = True
+            room |= flows.cap[c] > flows.load[c]
+            for k2, x2 in enumerate(classes[c]):
+                if (lf[c][k2] or rf[c][k2]) and not seen_x[x2]:
+                    seen_x[x2] = True
+                    queue.append(x2)
+    return [x for x in range(len(left)) if seen_x[x]], [c for c in range(len(seen_c)) if seen_c[c]], room
+
+
+def _augment(inc, classes, flows, local, dist) -> bool:
+    """Blocking flows (Dinic) from the unplaced pairs to classes with room; True if any moved.
+
+    ``dist is None``: arcs expert -> class add a remote pair, class -> expert move one of its
+    remote pairs away. Else ``dist = (d_expert, d_class, target)`` from ``_cheapest``: only
+    arcs of reduced cost 0 (a new local pair costs 0, a new remote one 1, moving a local pair
+    0, moving a remote one -1), from unplaced pairs at distance 0 to classes with room at
+    distance ``target``.
+    """
+    cap, load, left, lf, rf = flows.cap, flows.load, flows.left, flows.lf, flows.rf
+
+    def forward(x, c, k):  # kind of the usable arc: 0 local, 1 remote, None
+        if dist is None:
+            return 1
+        kind = 0 if lf[c][k] < local[c][k] else 1
+        return kind if dist[1][c] == dist[0][x] + kind else None
+
+    def backward(c, k, x):  # kind of pair of expert x that class c can move away
+        if rf[c][k] > 0 and (dist is None or dist[0][x] == dist[1][c] - 1):
+            return 1
+        return 0 if dist is not None and lf[c][k] > 0 and dist[0][x] == dist[1][c] else None
+
+    def sink(c):
+        return cap[c] > load[c] and (dist is None or dist[1][c] == dist[2])
+
+    moved = False
+    while True:
+        roots = [x for x in range(len(left)) if left[x] and (dist is None or dist[0][x] == 0)]
+        lev_x, lev_c = [-1] * len(left), [-1] * len(cap)
+        queue = collections.deque(roots)
+        for x in roots:
+            lev_x[x] = 0
+        found = False
+        while queue:  # levels: the flow only ever moves one level deeper (no cycles)
+            x = queue.popleft()
+            for c, k in inc[x]:
+                if lev_c[c] < 0 and forward(x, c, k) is not None:
+                    lev_c[c] = lev_x[x] + 1
+                    if sink(c):  # paths end at the first class with room on them
+                        found = True
+                        continue
+                    for k2, x2 in enumerate(classes[c]):
+                        if lev_x[x2] < 0 and backward(c, k2, x2) is not None:
+                            lev_x[x2] = lev_c[c] + 1
+                            queue.append(x2)
+        if not found:
+            return moved
+        ptr_x, ptr_c = [0] * len(left), [0] * len(cap)
+        for root in roots:
+            while left[root]:
+                nodes, arcs = [(0, root)], []  # path; arcs: (class, position, kind, +1 fwd / -1 back)
+                while not (nodes[-1][0] and sink(nodes[-1][1])):
+                    side, u = nodes[-1]
+                    step = None
+                    if side == 0:
+                        while step is None and ptr_x[u] < len(inc[u]):
+                            c, k = inc[u][ptr_x[u]]
+                            if lev_c[c] == lev_x[u] + 1 and (kind := forward(u, c, k)) is not None:
+                                step = (c, k, kind, 1), (1, c)
+                            else:
+                                ptr_x[u] += 1
+                    else:
+                        while step is None and ptr_c[u] < len(classes[u]):
+                            k, x = ptr_c[u], classes[u][ptr_c[u]]
+                            if lev_x[x] == lev_c[u] + 1 and (kind := backward(u, k, x)) is not None:
+                                step = (u, k, kind, -1), (0, x)
+                            else:
+                                ptr_c[u] += 1
+                    if step:
+                        arcs.append(step[0])
+                        nodes.append(step[1])
+                    elif len(nodes) == 1:
+                        break
+                    else:  # dead end: retreat, and the parent skips this arc
+                        nodes.pop()
+                        arcs.pop()
+                        side, p = nodes[-1]
+                        (ptr_c if side else ptr_x)[p] += 1
+                if len(nodes) == 1:
+                    break
+                end = nodes[-1][1]
+                d = min(left[root], cap[end] - load[end])
+                for c, k, kind, sign in arcs:
+                    if sign > 0 and kind == 0:
+                        d = min(d, local[c][k] - lf[c][k])
+                    elif sign < 0:
+                        d = min(d, (rf if kind else lf)[c][k])
+                for c, k, kind, sign in arcs:
+                    (rf if kind else lf)[c][k] += sign * d
+                left[root] -= d
+                load[end] += d
+                moved = True
+
+
+def _cheapest(inc, classes, flows, local) -> bool:
+    """Primal-dual min-cost phases (cost = remote pairs); True once every pair is placed.
+
+    The flow is min-cost for its size on entry (no negative cycle). Bellman-Ford (SPFA)
+    distances from the unplaced pairs, then blocking flows along cheapest paths only.
+    """
+    left, lf, rf = flows.left, flows.lf, flows.rf
+    while any(left):
+        d_x = [0 if v else math.inf for v in left]
+        d_c = [math.inf] * len(flows.cap)
+        queue = collections.deque((0, x) for x in range(len(left)) if left[x])
+        while queue:
+            side, v = queue.popleft()
+            if side == 0:
+                for c, k in inc[v]:
+                    d = d_x[v] + (lf[c][k] >= local[c][k])
+                    if d < d_c[c]:
+                        d_c[c] = d
+                        queue.append((1, c))
+            else:
+                for k2, x2 in enumerate(classes[v]):
+                    step = -1 if rf[v][k2] > 0 else (0 if lf[v][k2] > 0 else None)
+                    if step is not None and d_c[v] + step < d_x[x2]:
+                        d_x[x2] = d_c[v] + step
+                        queue.append((0, x2))
+        target = min((d_c[c] for c in range(len(d_c)) if flows.cap[c] > flows.load[c]), default=math.inf)
+        if target == math.inf or not _augment(inc, classes, flows, local, (d_x, d_c, target)):
+            return False
+    return True
+
+
+def _split_state(tokens: torch.Tensor, placement: torch.Tensor, rule: str) -> _SplitState:
+    """Per-slot quotas (``rule``), local fill, residual demand prefix sums and residual supply
+    shared by the plan views. Computed on host copies of the inputs (tiny, and the rank
+    rule is sequential): on a GPU that is one copy in and no synchronisation inside.
 
     The supply prefix sums over ranks are left to the callers: a full [N, E] cumsum
     along ranks costs more than the rest of a per-rank view, which needs one row
     (send) or S columns (recv) of it.
     """
     if placement.dim() != 2 or placement.is_floating_point():
-        raise ValueError(f"placement must be a 2-D integer tensor [N, S], got {placement.dtype} {tuple(placement.shape)}")
+        raise ValueError(
+            f"placement must be a 2-D integer tensor [N, S], got {placement.dtype} {tuple(placement.shape)}"
+        )
     n, s = placement.shape
     if tokens.dim() != 2 or tokens.is_floating_point() or tokens.shape[0] != n:
         raise ValueError(
             f"tokens must be a 2-D integer tensor [N={n}, E] matching placement's ranks, "
             f"got {tokens.dtype} {tuple(tokens.shape)}"
         )
+    if rule not in SPLIT_RULES:
+        raise ValueError(f"split rule must be one of {SPLIT_RULES}, got {rule!r}")
     e = tokens.shape[1]
-    tokens = tokens.to(torch.int64)
-    slot_expert = placement.flatten().to(torch.int64)
+    tokens = tokens.to("cpu", torch.int64)
+    placement = placement.to("cpu", torch.int64)
+    slot_expert = placement.flatten()
     if bool((slot_expert < 0).any() | (slot_expert >= e).any()):
         raise ValueError(f"placement holds expert ids outside [0, {e})")
     if bool(tokens.min() < 0):
         raise ValueError("tokens must be non-negative")
     f = n * s
-    dev = placement.device
     counts = torch.bincount(slot_expert, minlength=e)
     total = tokens.sum(0)
     if bool(((counts == 0) & (total > 0)).any()):
         raise ValueError("tokens are routed to an expert that has no slot in placement")
-
-    # Slots of each expert in flat order: occurrence index and demand prefix sums.
-    order = torch.argsort(slot_expert, stable=True)
-    first_of = (counts.cumsum(0) - counts)[slot_expert[order]]  # sorted position of the expert's first slot
-    arange_f = torch.arange(f, device=dev)
-    occ = torch.empty_like(order)
-    occ[order] = arange_f - first_of
-    t = total[slot_expert]
-    c = counts.clamp(min=1)[slot_expert]
-    quota = t // c + (occ < t % c).to(torch.int64)
+    if rule == "replica":
+        quota = _replica_quota(total, slot_expert, counts)
+    else:
+        quota = _rank_quota(tokens, placement)
 
     # A rank feeds its own replicas first, earlier local slots of the same expert first,
     # so tokens for a locally hosted expert only cross the network on overflow.
     q = quota.view(n, s)
     same = placement[:, :, None] == placement[:, None, :]
-    earlier = torch.ones(s, s, dtype=torch.bool, device=dev).tril(-1)
+    earlier = torch.ones(s, s, dtype=torch.bool).tril(-1)
     before = ((same & earlier) * q[:, None, :]).sum(-1)
-    local = (tokens.gather(1, placement.to(torch.int64)) - before).clamp(min=0).minimum(q).flatten()
+    local = (tokens.gather(1, placement) - before).clamp(min=0).minimum(q).flatten()
 
+    # Residual demands of each expert's slots, in flat order, as intervals on its number line.
+    order = torch.argsort(slot_expert, stable=True)
+    first_of = (counts.cumsum(0) - counts)[slot_expert[order]]  # sorted position of the expert's first slot
     demand = quota - local
     d_sorted = demand[order]
     csum = d_sorted.cumsum(0)
     demand_hi = torch.empty_like(demand)
     demand_hi[order] = csum - (csum - d_sorted)[first_of]
-    # Integer scatter_add is exact, hence deterministic even with atomics.
-    supply = tokens.flatten().scatter_add(0, (arange_f // s) * e + slot_expert, -local).view(n, e)
-    return _SplitState(slot_expert, local, demand_hi - demand, demand_hi, supply)
+    supply = tokens.flatten().scatter_add(0, torch.arange(f) // s * e + slot_expert, -local).view(n, e)
+    return _SplitState(slot_expert, local, demand_hi - demand, demand_hi, supply, q.sum(1))
 
 
 def _overlap(a_lo: torch.Tensor, a_hi: torch.Tensor, b_lo: torch.Tensor, b_hi: torch.Tensor) -> torch.Tensor:
@@ -296,39 +859,58 @@ def _overlap(a_lo: torch.Tensor, a_hi: torch.Tensor, b_lo: torch.Tensor, b_hi: t
     return (torch.minimum(a_hi, b_hi) - torch.maximum(a_lo, b_lo)).clamp(min=0)
 
 
-def split_plan(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
+def split_plan(tokens: torch.Tensor, placement: torch.Tensor, rule: str = "rank") -> torch.Tensor:
     """How many tokens each source rank sends to each flat slot.
 
     tokens: [N, E] int, tokens[i, e] = (token, expert) pairs rank i routed to e.
-    placement: [N, S] expert ids. Returns int64 [N, N*S]; plan[i, j] = tokens rank i
-    sends to flat slot j.
+    placement: [N, S] expert ids. Returns int64 [N, N*S] on placement's device; plan[i, j] =
+    tokens rank i sends to flat slot j.
 
-    Replica quota: the c_e slots of expert e share T_e = tokens[:, e].sum() as
-    T_e // c_e, plus one for the first T_e % c_e of them in flat slot order. A rank
-    first fills its own replicas of e (up to their quotas); leftover supplies, in
-    rank order, meet leftover demands, in flat slot order, by the northwest-corner
-    rule. O(N * N*S) memory: for large N use send_counts / recv_counts.
+    First each slot's quota (pairs it computes), by ``rule``:
+
+    * ``"rank"`` (default): the slots of e on one rank are one pool, and the pools' shares are
+      an exact solution of: minimise the largest rank total, then keep the most pairs on their
+      source rank (``_rank_quota``). A pool's first slot takes its share, the others none.
+    * ``"replica"`` (the paper's): the c_e slots of expert e share T_e = tokens[:, e].sum() as
+      T_e // c_e, plus one for the first T_e % c_e of them in flat slot order.
+
+    Then a rank first fills its own slots of e (up to their quotas); leftover supplies, in
+    rank order, meet leftover demands, in flat slot order, by the northwest-corner rule.
+    O(N * N*S) memory: for large N use rank_plan.
     """
-    st = _split_state(tokens, placement)
+    st = _split_state(tokens, placement, rule)
     n, s = placement.shape
     se = st.slot_expert
     hi = st.supply.cumsum(0)
     plan = _overlap((hi - st.supply)[:, se], hi[:, se], st.demand_lo[None], st.demand_hi[None])
-    j = torch.arange(n * s, device=placement.device)
+    j = torch.arange(n * s)
     plan[j // s, j] += st.local
-    return plan
+    return plan.to(placement.device)
 
 
-def rank_plan(tokens: torch.Tensor, placement: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+class RankPlan(NamedTuple):
+    send: torch.Tensor  # [N*S] pairs this rank sends to each flat slot
+    recv: torch.Tensor  # [S, N] pairs each local slot receives from each source rank
+    totals: torch.Tensor  # [N] pairs every rank computes (all ranks: the realised load)
+
+
+def rank_plan(
+    tokens: torch.Tensor, placement: torch.Tensor, rank: int, rule: str = "rank"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """What ``rank`` sends and receives under split_plan, without building it.
 
     tokens: [N, E]; placement: [N, S]. Returns ``(send [N*S], recv [S, N])``, int64:
     ``send == split_plan(...)[rank]`` and ``recv[s, i] == split_plan(...)[i, rank * S + s]``.
     """
+    return rank_plan_with_totals(tokens, placement, rank, rule)[:2]
+
+
+def rank_plan_with_totals(tokens: torch.Tensor, placement: torch.Tensor, rank: int, rule: str = "rank") -> RankPlan:
+    """``rank_plan`` plus every rank's total; outputs on the device of ``placement``."""
     n, s = placement.shape
     if not 0 <= rank < n:
         raise ValueError(f"rank must be in [0, {n}), got {rank}")
-    st = _split_state(tokens, placement)
+    st = _split_state(tokens, placement, rule)
     se = st.slot_expert
     hi = st.supply[: rank + 1].sum(0)
     send = _overlap((hi - st.supply[rank])[se], hi[se], st.demand_lo, st.demand_hi)
@@ -338,17 +920,18 @@ def rank_plan(tokens: torch.Tensor, placement: torch.Tensor, rank: int) -> tuple
     hi = supply.cumsum(1)
     recv = _overlap(hi - supply, hi, st.demand_lo[mine, None], st.demand_hi[mine, None])
     recv[:, rank] += st.local[mine]
-    return send, recv
+    dev = placement.device
+    return RankPlan(send.to(dev), recv.to(dev), st.totals.to(dev))
 
 
-def send_counts(tokens: torch.Tensor, placement: torch.Tensor, rank: int) -> torch.Tensor:
+def send_counts(tokens: torch.Tensor, placement: torch.Tensor, rank: int, rule: str = "rank") -> torch.Tensor:
     """Row ``rank`` of split_plan without building it. tokens: [N, E]; returns int64 [N*S]."""
-    return rank_plan(tokens, placement, rank)[0]
+    return rank_plan(tokens, placement, rank, rule)[0]
 
 
-def recv_counts(tokens: torch.Tensor, placement: torch.Tensor, rank: int) -> torch.Tensor:
+def recv_counts(tokens: torch.Tensor, placement: torch.Tensor, rank: int, rule: str = "rank") -> torch.Tensor:
     """Tokens ``rank``'s local slots receive from each source rank: int64 [S, N] (see rank_plan)."""
-    return rank_plan(tokens, placement, rank)[1]
+    return rank_plan(tokens, placement, rank, rule)[1]
 
 
 def replica_capacity(

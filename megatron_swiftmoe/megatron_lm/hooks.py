@@ -227,7 +227,7 @@ def _log_load(iteration: int) -> None:
     from megatron.training.global_vars import get_tensorboard_writer, get_wandb_writer
     from megatron.training.utils import print_rank_last
 
-    from megatron_swiftmoe.training.monitor import imbalance, load_line
+    from megatron_swiftmoe.training.monitor import load_line
 
     from megatron.core import parallel_state
 
@@ -241,8 +241,8 @@ def _log_load(iteration: int) -> None:
     scalars = {}
     for index, figures in layers:
         print_rank_last(load_line(index, figures))
-        scalars[f"swiftmoe/layer{index}/rank_load_max_over_mean"] = imbalance(figures["tokens_per_rank"])
-        scalars[f"swiftmoe/layer{index}/static_ep_rank_load_max_over_mean"] = imbalance(figures["static_tokens_per_rank"])
+        scalars[f"swiftmoe/layer{index}/rank_load_max_over_mean"] = figures["realised_max_mean"]
+        scalars[f"swiftmoe/layer{index}/static_ep_rank_load_max_over_mean"] = figures["static_max_mean"]
         scalars[f"swiftmoe/layer{index}/dropped_tokens"] = figures["dropped_tokens"]
     if writer:
         for key, value in scalars.items():

@@ -15,8 +15,13 @@ after capacity drops), ``replicas_per_expert``
 [E], ``tokens_per_rank`` [N] (pairs each rank's experts computed), ``static_tokens_per_rank``
 [N] (what static expert parallelism, E/N consecutive experts per rank, would have computed
 for the same routing), ``dropped_tokens`` (pairs dropped over capacity), ``tokens_sent``
-(pairs sent to another rank). ``bytes_sent`` also has ``expert_migration`` (FlexMoE-like
-re-plans) and ``migration_peak_bytes`` is the largest migration buffer of any rank. Evaluation iterations
+(pairs sent to another rank), and per micro-batch: ``microbatch_tokens_per_expert`` [M][E]
+(global computed pairs of each micro-batch: a routing trace the split can be replayed on),
+``realised_max_mean`` (mean over the micro-batches of max/mean of the pairs each rank
+computed: what the split really gave; for a stock layer its static layout) and
+``static_max_mean`` (the same for static expert parallelism on the same routing).
+``bytes_sent`` also has ``expert_migration`` (FlexMoE-like re-plans) and
+``migration_peak_bytes`` is the largest migration buffer of any rank. Evaluation iterations
 add ``valid_lm_loss``.
 """
 
@@ -52,6 +57,9 @@ class MoELoadMonitor:
         num_experts = [layer.config.num_moe_experts for layer in self.layers]
         # Per layer: [E] routed pairs, computed pairs, dropped pairs, pairs sent off-rank (local).
         self.routed = [torch.zeros(e, dtype=torch.int64) for e in num_experts]
+        # Per layer and micro-batch: [E] computed pairs (local), [N] pairs per rank (SwiftMoE's split).
+        self.micro: list[list[torch.Tensor]] = [[] for _ in self.layers]
+        self.rank_totals: list[list[torch.Tensor]] = [[] for _ in self.layers]
         self.computed = torch.zeros(len(self.layers), dtype=torch.int64)
         self.dropped = torch.zeros(len(self.layers), dtype=torch.int64)
         self.sent = torch.zeros(len(self.layers), dtype=torch.int64)
@@ -61,7 +69,8 @@ class MoELoadMonitor:
             if not router.training:
                 return
             routing_map = outputs[1]
-            self.routed[index] += routing_map.sum(0).cpu()
+            self.micro[index].append(routing_map.sum(0).cpu())
+            self.routed[index] += self.micro[index][-1]
             # Every token picks top-k experts; the router's capacity drop removes some.
             self.dropped[index] += routing_map.shape[0] * router.topk - int(routing_map.sum())
 
@@ -75,6 +84,8 @@ class MoELoadMonitor:
             # SwiftMoE drops over capacity after the router, in its dispatcher.
             dropped = dispatcher.last_dropped_per_expert.cpu()
             self.routed[index] -= dropped
+            self.micro[index][-1] = self.micro[index][-1] - dropped
+            self.rank_totals[index].append(dispatcher.last_rank_totals)
             self.dropped[index] += int(dropped.sum())
             self.computed[index] += int(dispatcher.last_tokens_per_slot.sum())
             self.sent[index] += sum(dispatcher.send_splits) - dispatcher.send_splits[self.rank]
@@ -90,12 +101,18 @@ class MoELoadMonitor:
         gathered = local.new_empty(self.num_ranks * local.shape[0], local.shape[1])
         dist.all_gather_into_tensor(gathered, local, group=self.group)
         gathered = gathered.view(self.num_ranks, *local.shape).cpu()
+        micro = torch.stack([torch.stack(m) if m else torch.zeros(0, len(r), dtype=torch.int64)
+                             for m, r in zip(self.micro, self.routed)]).to(device)  # [L, M, E]
+        dist.all_reduce(micro, group=self.group)
+        micro = micro.cpu()
         figures = []
         for index, layer in enumerate(self.layers):
             tokens = routed[index].cpu()
-            experts_per_rank = -(-tokens.numel() // self.num_ranks)
-            static = torch.zeros(self.num_ranks, dtype=torch.int64)
-            static.index_add_(0, torch.arange(tokens.numel()) // experts_per_rank, tokens)
+            owner = torch.arange(tokens.numel()) // -(-tokens.numel() // self.num_ranks)
+            static = torch.zeros(self.num_ranks, dtype=torch.int64).index_add_(0, owner, tokens)
+            static_micro = torch.zeros(micro.shape[1], self.num_ranks, dtype=torch.int64)
+            static_micro.index_add_(1, owner, micro[index])  # [M, N]
+            realised = torch.stack(self.rank_totals[index]) if self.rank_totals[index] else static_micro
             if isinstance(layer, SwiftMoELayer):
                 replicas = torch.bincount(layer.placement.flatten().cpu(), minlength=tokens.numel())
                 per_rank = gathered[:, index, 0]
@@ -110,26 +127,33 @@ class MoELoadMonitor:
                     static_tokens_per_rank=static.tolist(),
                     dropped_tokens=int(gathered[:, index, 1].sum()),
                     tokens_sent=int(gathered[:, index, 2].sum()),
+                    microbatch_tokens_per_expert=micro[index].tolist(),
+                    realised_max_mean=_mean_imbalance(realised),
+                    static_max_mean=_mean_imbalance(static_micro),
                 )
             )
         self.reset()
         return figures
 
 
-def imbalance(values: list[int]) -> float:
-    """max / mean of per-rank loads (1.0 when nothing was routed)."""
-    mean = sum(values) / len(values)
-    return max(values) / mean if mean else 1.0
+def _mean_imbalance(loads: torch.Tensor) -> float:
+    """Mean over rows of max/mean (1.0 for a row of zeros). loads: [M, N]; 1.0 if M = 0."""
+    if loads.numel() == 0:
+        return 1.0
+    loads = loads.to(torch.float64)
+    mean = loads.mean(1)
+    return float(torch.where(mean > 0, loads.max(1).values / mean.clamp(min=1e-300), 1.0).mean())
 
 
 def load_line(index: int, figures: dict[str, Any], hottest: int = 3) -> str:
-    """One line per layer: rank load imbalance (vs. static), hottest experts and their replicas."""
+    """One line per layer: realised rank load imbalance per micro-batch (vs. static EP on the
+    same routing), hottest experts and their replicas."""
     tokens, replicas = figures["tokens_per_expert"], figures["replicas_per_expert"]
     top = sorted(range(len(tokens)), key=lambda e: -tokens[e])[:hottest]
     hot = ", ".join(f"e{e} {tokens[e]}->{replicas[e]}x" for e in top)
     return (
-        f" moe layer {index:2d} | max/mean rank load: {imbalance(figures['tokens_per_rank']):.2f}"
-        f" (static EP: {imbalance(figures['static_tokens_per_rank']):.2f})"
+        f" moe layer {index:2d} | max/mean rank load per micro-batch: {figures['realised_max_mean']:.3f}"
+        f" (static EP: {figures['static_max_mean']:.3f})"
         f" | hottest experts (pairs->replicas): {hot} | dropped: {figures['dropped_tokens']}"
     )
 
