@@ -161,6 +161,16 @@ def test_swiftmoe_equals_static_expert_parallelism(tree, initial_checkpoint, opt
     assert_losses_close(swift, ep2)
 
 
+def test_swiftmoe_equals_static_with_dropout(tree, initial_checkpoint):
+    """Megatron's default dropout (0.1): building SwiftMoE layers leaves the generators where the
+    static experts leave them, so both draw the same masks."""
+    start = ["--load", str(initial_checkpoint), "--finetune", "--ckpt-format", "torch_dist"]
+    flags = tiny_moe(num_experts=6, **{"train-iters": 4, "hidden-dropout": 0.1, "attention-dropout": 0.1})
+    swift = assert_ok(launch(tree, 2, *flags, *start, *SWIFTMOE), "swiftmoe").losses
+    static = assert_ok(launch(tree, 2, *flags, *start), "static EP 1").losses
+    assert_losses_close(swift, static)
+
+
 def test_swiftmoe_equals_static_on_three_ranks(tree, initial_checkpoint):
     start = ["--load", str(initial_checkpoint), "--finetune", "--ckpt-format", "torch_dist"]
     flags = tiny_moe(num_experts=6, **{"train-iters": 4})

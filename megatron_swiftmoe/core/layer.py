@@ -27,6 +27,7 @@ slots and converts to and from Megatron's static expert parallelism.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -35,7 +36,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -219,15 +220,26 @@ class SwiftMoELayer(MoELayer):
         return self._host_placement
 
     def _init_expert_weights(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every expert initialised like a Megatron expert MLP (same on every rank)."""
+        """Every expert initialised like a Megatron expert MLP (same on every rank).
+
+        From the generator Megatron's own experts draw from: the default (CPU) one with
+        ``use_cpu_initialization``, else the expert-parallel RNG tracker stream. So building
+        SwiftMoE layers leaves every other generator, and with it the dropout masks, where
+        Megatron's static experts leave it.
+        """
         config = self.config
         num_experts = config.num_moe_experts
         dtype = master_dtype(config.params_dtype)
         fc1 = torch.empty(num_experts, *self.experts.fc1.shape[1:], dtype=dtype, device=device)
         fc2 = torch.empty(num_experts, *self.experts.fc2.shape[1:], dtype=dtype, device=device)
-        for expert in range(num_experts):
-            config.init_method(fc1[expert])
-            config.output_layer_init_method(fc2[expert])
+        if config.use_cpu_initialization:
+            stream = contextlib.nullcontext()
+        else:
+            stream = tensor_parallel.get_cuda_rng_tracker().fork(tensor_parallel.get_expert_parallel_rng_tracker_name())
+        with stream:
+            for expert in range(num_experts):
+                config.init_method(fc1[expert])
+                config.output_layer_init_method(fc2[expert])
         return fc1, fc2
 
     @torch.no_grad()
