@@ -10,6 +10,9 @@ megatron-core assumes a GPU in a few places that the MoE GPT path touches:
 * the pipeline schedules count tokens in ``torch.zeros(..., device="cuda")`` and the
   pipeline's point-to-point transfers synchronise CUDA: both modules see a ``torch`` whose
   CUDA maps to the CPU (:class:`_TorchOnCpu`).
+* with pipeline stages and tied embeddings, ``LanguageModule.setup_embeddings_and_output_layer``
+  moves the word embedding with ``Tensor.cuda()`` before summing it across the first and last
+  stage; while that method runs, ``Tensor.cuda()`` returns the tensor itself.
 * router gating calls ``te_general_gemm`` when Transformer Engine is absent, a name 0.16.1
   never defines without TE (NameError); it is defined as ``None`` so the torch path is used.
 
@@ -53,6 +56,7 @@ def apply() -> None:
     if _applied or torch.cuda.is_available():
         return
     from megatron.core.fusions import fused_softmax
+    from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.pipeline_parallel import p2p_communication, schedules
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import moe_utils
@@ -60,6 +64,8 @@ def apply() -> None:
     torch.cuda.current_device = lambda: "cpu"
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
     schedules.torch = p2p_communication.torch = _TorchOnCpu()
+    LanguageModule.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(
+        LanguageModule.setup_embeddings_and_output_layer)
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
 
@@ -88,6 +94,21 @@ def apply() -> None:
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     _applied = True
+
+
+def _tensor_cuda_is_identity(method):
+    """``method`` with ``Tensor.cuda`` returning the tensor itself while it runs."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda self, *a, **k: self
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    return wrapper
 
 
 def _on_cpu(device):
