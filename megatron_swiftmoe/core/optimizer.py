@@ -12,6 +12,11 @@
   expert e to every rank that holds e in the *next* placement (one all-to-all). That is the
   only transfer of expert parameters; optimizer state never moves.
 
+With pipeline parallelism every stage's optimizer does the above over that stage's data-parallel
+group, and the gradient norm for clipping sums over all stages, counting every parameter once:
+the last stage's copy of a tied embedding (``shared``, Megatron's ``param_is_not_shared`` rule)
+is left out.
+
 AdamW itself is ``torch.optim.AdamW`` running on the master shards, so the update is the same
 elementwise math as a single-process ``AdamW`` over the unreplicated model.
 """
@@ -26,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import parallel_state
+from megatron.core.transformer.module import param_is_not_shared
 from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
 
 from megatron_swiftmoe.core.layer import SwiftMoELayer, master_dtype, plan_placement
@@ -308,8 +314,8 @@ class SwiftMoEOptimizer:
         lr, weight_decay, betas, eps: AdamW settings. Biases and 1-D parameters (norms) get no
             weight decay, as in Megatron.
         clip_grad: global gradient-norm clip (0 disables); every parameter counts once,
-            not once per replica.
-        group: data-parallel group; defaults to Megatron's.
+            not once per replica nor per pipeline stage that holds a copy.
+        group: data-parallel group; defaults to Megatron's (with pipeline stages: this stage's).
         loss_scaler: a :class:`DynamicLossScaler` for fp16; ``None`` for fp32/bf16.
 
     Usage per step: ``zero_grad()``, forward/backward over the micro-batches
@@ -329,14 +335,16 @@ class SwiftMoEOptimizer:
     ):
         modules = [model] if isinstance(model, torch.nn.Module) else list(model)
         self.group = group or parallel_state.get_data_parallel_group()
+        self.pipeline_group = parallel_state.get_pipeline_model_parallel_group()  # the other stages
         self.num_ranks = dist.get_world_size(self.group)
         self.clip_grad = clip_grad
         self.loss_scaler = loss_scaler
         self.layers = [m for module in modules for m in module.modules() if isinstance(m, SwiftMoELayer)]
         slot_params = {id(p) for layer in self.layers for p in layer.experts.parameters()}
 
-        # (weight decay?, replicated on all ranks?) -> params; Megatron's no-decay rule.
-        buckets: dict[tuple[bool, bool], list] = {}
+        # (weight decay?, replicated on all ranks?, in the gradient norm?) -> params; Megatron's
+        # no-decay rule.
+        buckets: dict[tuple[bool, bool, bool], list] = {}
         seen = set()
         for module in modules:
             for name, param in module.named_parameters():
@@ -348,18 +356,20 @@ class SwiftMoEOptimizer:
                 if id(param) in slot_params:
                     continue
                 decays = not (param.ndim == 1 or name.endswith(".bias"))
-                buckets.setdefault((decays, getattr(param, "allreduce", True)), []).append(param)
+                key = (decays, getattr(param, "allreduce", True), param_is_not_shared(param))
+                buckets.setdefault(key, []).append(param)
         self.dense = [
             _DenseShard(params, self.group) if replicated else _LocalParams(params)
-            for (_, replicated), params in sorted(buckets.items(), reverse=True)
+            for (_, replicated, _), params in sorted(buckets.items(), reverse=True)
         ]
+        self._in_norm = [counted for _, _, counted in sorted(buckets, reverse=True)] + [True] * len(self.layers)
         self.expert_shards = [ExpertShards(layer) for layer in self.layers]
         self._params = [p for module in modules for p in module.parameters() if p.requires_grad]
 
         # wd_mult: Megatron's OptimizerParamScheduler sets weight_decay = wd * wd_mult per group.
         groups = [
             {"params": [shard.master], "weight_decay": weight_decay * decays, "wd_mult": float(decays)}
-            for (decays, _), shard in zip(sorted(buckets, reverse=True), self.dense)
+            for (decays, _, _), shard in zip(sorted(buckets, reverse=True), self.dense)
         ]
         if self.expert_shards:
             groups.append(
@@ -391,9 +401,12 @@ class SwiftMoEOptimizer:
         if self.loss_scaler:
             for grad in grads:
                 grad.div_(self.loss_scaler.scale)
-        sum_sq = torch.stack([g.double().square().sum() for g in grads]).sum() if grads else torch.zeros(())
+        counted = [g for g, in_norm in zip(grads, self._in_norm) if in_norm]
+        sum_sq = torch.stack([g.double().square().sum() for g in counted]).sum() if counted else torch.zeros(())
         sum_sq = sum_sq.to(grads[0].device if grads else "cpu")
         dist.all_reduce(sum_sq, group=self.group)
+        if dist.get_world_size(self.pipeline_group) > 1:
+            dist.all_reduce(sum_sq, group=self.pipeline_group)
         norm = math.sqrt(sum_sq.item())
         return norm, not math.isfinite(norm)
 
