@@ -315,11 +315,43 @@ def test_required_flags(capsys):
         (["--seq-length", "64", "--max-position-embeddings", "32"], 2, "--max-position-embeddings (32) must be >= --seq-length (64)"),
         (["--wandb-exp-name", "x"], 2, "--wandb-exp-name needs --wandb-project"),
         (["--min-loss-scale", "8", "--initial-loss-scale", "4"], 2, "--min-loss-scale (8.0) must be <= --initial-loss-scale (4.0)"),
+        (["--pipeline-model-parallel-size", "3"], 4,
+         "--pipeline-model-parallel-size (3) must divide the world size (4)"),
+        (["--pipeline-model-parallel-size", "0"], 2, "--pipeline-model-parallel-size must be >= 1, got 0"),
+        (["--pipeline-model-parallel-size", "2", "--num-layers", "3", "--moe-layer-freq", "1"], 4,
+         "--num-layers (3) must be divisible by --pipeline-model-parallel-size (2)"),
+        (["--tensor-model-parallel-size", "2"], 2, "--tensor-model-parallel-size 2 is not supported"),
+        (["--pipeline-model-parallel-size", "2", "--swiftmoe-slots-per-rank", "1"], 4,
+         "--swiftmoe-slots-per-rank (1) * data-parallel size (2 = world size 4 / --pipeline-model-parallel-size 2) "
+         "= 2 slots is fewer than --num-experts (4)"),
+        (["--pipeline-model-parallel-size", "2", "--no-swiftmoe"], 6,
+         "--num-experts (4) must be divisible by the data-parallel size (3 = world size 6 / "
+         "--pipeline-model-parallel-size 2) without --swiftmoe"),
+        (["--pipeline-model-parallel-size", "2", "--global-batch-size", "6"], 8,
+         "--global-batch-size (6) must be a multiple of --micro-batch-size (2) * data-parallel size (4, the world "
+         "size / --pipeline-model-parallel-size 2) = 8"),
     ],
 )
 def test_validation_errors(capsys, extra, world_size, expected):
     err = parse_error(capsys, [*BASE, *extra], world_size=world_size)
     assert expected in err, err
+
+
+def test_pipeline_stages():
+    # 8 ranks as 2 stages x 4 data-parallel ranks: batch, experts and SwiftMoE slots per stage.
+    args = parse("--pipeline-model-parallel-size", "2", world_size=8)
+    assert (args.world_size, args.data_parallel_size) == (8, 4)
+    assert args.global_batch_size == 8 and args.num_micro_batches == 1  # micro * data-parallel size
+    c = A.transformer_config_from_args(args)
+    assert c.pipeline_model_parallel_size == 2 and c.pipeline_dtype == torch.float32
+    assert c.expert_model_parallel_size == 1
+    static = A.transformer_config_from_args(parse("--pipeline-model-parallel-size", "2", "--no-swiftmoe", "--bf16",
+                                                  world_size=8))
+    assert static.expert_model_parallel_size == 4 and static.pipeline_dtype == torch.bfloat16
+    # 4 experts on 2 data-parallel ranks: 2 slots per rank suffice (the world size would allow 1).
+    assert parse("--pipeline-model-parallel-size", "2", "--swiftmoe-slots-per-rank", "2",
+                 world_size=4).data_parallel_size == 2
+    assert parse().pipeline_model_parallel_size == 1 and parse().tensor_model_parallel_size == 1
 
 
 def test_load_must_exist(tmp_path, capsys):

@@ -1,8 +1,9 @@
 """Command line of ``python -m megatron_swiftmoe.pretrain_gpt``: Megatron-LM's flags plus SwiftMoE's.
 
 Flag names, types, defaults and meanings follow Megatron-LM's ``megatron/training/arguments.py``
-(a subset of it: TP = PP = CP = 1 here, the data-parallel group is the whole world), with the
-SwiftMoE flags on top. The few deliberate differences from Megatron-LM are listed in
+(a subset of it: pipeline parallelism, TP = CP = 1, the data-parallel group of a pipeline
+stage is world size / pipeline-model-parallel-size ranks), with the SwiftMoE flags on top.
+The few deliberate differences from Megatron-LM are listed in
 :data:`DIFFERENCES_FROM_MEGATRON` (and printed by ``--help``).
 
 Public API:
@@ -304,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--global-batch-size", type=int, default=None,
         help="Samples per iteration over all ranks; a multiple of micro-batch-size * "
-        "data-parallel size (= world size here), the quotient being the number of micro-batches "
-        "accumulated per iteration. Default: micro-batch-size * world size.",
+        "data-parallel size (world size / pipeline-model-parallel-size), the quotient being the "
+        "number of micro-batches accumulated per iteration. Default: micro-batch-size * "
+        "data-parallel size.",
     )
     g.add_argument("--train-iters", type=int, default=None, help="Number of training iterations. Required.")
     g.add_argument("--seed", type=int, default=1234, help="Random seed (Python, numpy, torch).")
@@ -456,6 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     g = parser.add_argument_group("distributed")
+    g.add_argument(
+        "--pipeline-model-parallel-size", type=int, default=1,
+        help="Pipeline stages: the layers are split evenly over this many stages (it must divide "
+        "the world size and --num-layers), Megatron's 1F1B schedule runs the micro-batches through "
+        "them, and the world size / this many ranks of each stage are its data-parallel group "
+        "(SwiftMoE replicates, and the baseline partitions, each stage's experts over it).",
+    )
+    g.add_argument(
+        "--tensor-model-parallel-size", type=int, default=1,
+        help="Tensor parallelism: only 1 is supported (accepted for Megatron-LM configs).",
+    )
     g.add_argument(
         "--distributed-timeout-minutes", type=float, default=10,
         help="Timeout of collective operations: a rank waiting this long for a rank that stopped "
@@ -635,10 +648,16 @@ def _world_size(world_size: Optional[int]) -> int:
         raise ArgumentsError(f"environment variable WORLD_SIZE={raw!r} is not an integer") from None
 
 
+def _data_parallel_size(args: argparse.Namespace) -> int:
+    """Ranks per pipeline stage (rounded down; :func:`validate_args` rejects a remainder)."""
+    return max(args.world_size // max(args.pipeline_model_parallel_size, 1), 1)
+
+
 def fill_derived_args(args: argparse.Namespace, world_size: Optional[int] = None) -> argparse.Namespace:
     """Fill the defaults that depend on other settings (in place; returns ``args``).
 
-    Sets ``world_size``, ``data_parallel_size`` (= world size), ``rank``, ``ffn_hidden_size``,
+    Sets ``world_size``, ``data_parallel_size`` (world size / pipeline-model-parallel-size),
+    ``rank``, ``ffn_hidden_size``,
     ``max_position_embeddings``, ``global_batch_size``, ``lr_decay_iters``, ``lr_warmup_iters`` (from ``--lr-warmup-fraction``),
     ``moe_ffn_hidden_size``, ``moe_layer_freq`` (expanded to a 0/1 list per layer),
     ``moe_token_dispatcher_type``, ``moe_token_drop_policy`` (probs with a capacity factor,
@@ -649,7 +668,7 @@ def fill_derived_args(args: argparse.Namespace, world_size: Optional[int] = None
     import torch
 
     args.world_size = _world_size(world_size)
-    args.data_parallel_size = args.world_size
+    args.data_parallel_size = _data_parallel_size(args)
     try:
         args.rank = int(os.environ.get("RANK", "0") or 0)
     except ValueError:
@@ -722,8 +741,10 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if not hasattr(args, "world_size"):
         fill_derived_args(args, world_size)
     elif world_size is not None:
-        args.world_size = args.data_parallel_size = int(world_size)
+        args.world_size = int(world_size)
+        args.data_parallel_size = _data_parallel_size(args)
     n = args.world_size
+    pp = args.pipeline_model_parallel_size
 
     def fail(message: str) -> None:
         raise ArgumentsError(message)
@@ -736,6 +757,29 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         )
     if n < 1:
         fail(f"the world size must be >= 1, got {n} (WORLD_SIZE)")
+
+    # Parallelism: pipeline stages, each a data-parallel group of n / pp ranks.
+    if args.tensor_model_parallel_size != 1:
+        fail(
+            f"--tensor-model-parallel-size {args.tensor_model_parallel_size} is not supported: this "
+            "program runs TP = 1 (use --pipeline-model-parallel-size to split the model over ranks)"
+        )
+    if pp < 1:
+        fail(f"--pipeline-model-parallel-size must be >= 1, got {pp}")
+    if n % pp:
+        fail(
+            f"--pipeline-model-parallel-size ({pp}) must divide the world size ({n}): every pipeline "
+            "stage gets world-size / pipeline-model-parallel-size data-parallel ranks"
+        )
+    if args.num_layers % pp:
+        fail(
+            f"--num-layers ({args.num_layers}) must be divisible by --pipeline-model-parallel-size "
+            f"({pp}): every pipeline stage builds num-layers / pipeline-model-parallel-size layers"
+        )
+    d = args.data_parallel_size
+    # How the data-parallel size is named in messages.
+    dp_size = f"world size ({n})" if pp == 1 else (
+        f"data-parallel size ({d} = world size {n} / --pipeline-model-parallel-size {pp})")
 
     at_least_1 = [
         "num_layers", "hidden_size", "num_attention_heads", "seq_length", "max_position_embeddings",
@@ -789,8 +833,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     if args.global_batch_size % per_iteration:
         fail(
             f"--global-batch-size ({args.global_batch_size}) must be a multiple of "
-            f"--micro-batch-size ({args.micro_batch_size}) * data-parallel size ({n}, the world "
-            f"size) = {per_iteration}: change --global-batch-size or --micro-batch-size"
+            f"--micro-batch-size ({args.micro_batch_size}) * data-parallel size ({d}, the world "
+            f"size{f' / --pipeline-model-parallel-size {pp}' if pp > 1 else ''}) = {per_iteration}: "
+            "change --global-batch-size or --micro-batch-size"
         )
     args.num_micro_batches = args.global_batch_size // per_iteration
 
@@ -880,11 +925,11 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     # SwiftMoE or the static baseline.
     if args.swiftmoe:
         s = args.swiftmoe_slots_per_rank
-        if n * s < e:
+        if d * s < e:
             fail(
-                f"--swiftmoe-slots-per-rank ({s}) * world size ({n}) = {n * s} slots is fewer than "
+                f"--swiftmoe-slots-per-rank ({s}) * {dp_size} = {d * s} slots is fewer than "
                 f"--num-experts ({e}): every expert needs a slot; use --swiftmoe-slots-per-rank "
-                f">= {math.ceil(e / n)} or more ranks"
+                f">= {math.ceil(e / d)} or more ranks"
             )
         if args.moe_pad_expert_input_to_capacity:
             fail("--moe-pad-expert-input-to-capacity is not supported with --swiftmoe (it never pads)")
@@ -893,11 +938,11 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         if args.add_bias_linear:
             fail("--add-bias-linear is not supported with --swiftmoe: SwiftMoE's experts are bias-free")
     else:
-        if e % n:
+        if e % d:
             fail(
-                f"--num-experts ({e}) must be divisible by the world size ({n}) without --swiftmoe: "
-                f"static expert parallelism puts num-experts / world-size experts on each rank; "
-                "change --num-experts or the number of ranks, or use --swiftmoe"
+                f"--num-experts ({e}) must be divisible by the {dp_size} without --swiftmoe: "
+                f"static expert parallelism puts num-experts / {'world-size' if pp == 1 else 'data-parallel-size'} "
+                "experts on each rank; change --num-experts or the number of ranks, or use --swiftmoe"
             )
         if args.moe_token_dispatcher_type == "alltoall" and not _cuda_available():
             fail(
@@ -970,7 +1015,7 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
         from megatron_swiftmoe.core.layer import _check_supported
 
         try:
-            _check_supported(config, n, swiftmoe_config_from_args(args))
+            _check_supported(config, d, swiftmoe_config_from_args(args))
         except ValueError as exc:
             fail(f"SwiftMoE rejects these settings: {exc}")
     return args
@@ -1015,8 +1060,9 @@ def parse_args(argv: Optional[list[str]] = None, world_size: Optional[int] = Non
 def transformer_config_from_args(args: argparse.Namespace):
     """Megatron's :class:`TransformerConfig` for ``args`` (after :func:`fill_derived_args`).
 
-    TP = PP = CP = 1. Expert parallelism: 1 with ``--swiftmoe`` (experts are replicated over
-    the data-parallel group instead), the world size for the static baseline.
+    TP = CP = 1, ``--pipeline-model-parallel-size`` stages. Expert parallelism: 1 with
+    ``--swiftmoe`` (experts are replicated over the stage's data-parallel group instead), the
+    data-parallel size for the static baseline.
     """
     import torch
     import torch.nn.functional as F
@@ -1041,9 +1087,10 @@ def transformer_config_from_args(args: argparse.Namespace):
         calculate_per_token_loss=False,
         use_cpu_initialization=not _cuda_available(),
         tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=1,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        pipeline_dtype=args.params_dtype,  # the activations sent between stages
         context_parallel_size=1,
-        expert_model_parallel_size=1 if args.swiftmoe else args.world_size,
+        expert_model_parallel_size=1 if args.swiftmoe else args.data_parallel_size,
         expert_tensor_parallel_size=1,
         num_moe_experts=args.num_experts,
         moe_ffn_hidden_size=args.moe_ffn_hidden_size,

@@ -3,8 +3,9 @@
 Layout (Megatron-LM's naming)::
 
     SAVE/latest_checkpointed_iteration.txt      the iteration of the newest complete checkpoint
-    SAVE/iter_0000100/metadata.json             model shape, world size, strategy, iteration,
-                                                size and SHA-256 of every rank's file
+    SAVE/iter_0000100/metadata.json             model shape, world size, pipeline stages,
+                                                strategy, iteration, size and SHA-256 of
+                                                every rank's file
     SAVE/iter_0000100/rank_00000.pt             that rank's model, optimizer shards, RNG, ...
 
 Each rank holds different state (its optimizer shards, its slots or experts), so each rank
@@ -54,11 +55,14 @@ MUST_MATCH = (
     "untie_embeddings_and_output_weights",
     "padded_vocab_size",
     "world_size",
+    "pipeline_model_parallel_size",
     "swiftmoe",
     "swiftmoe_slots_per_rank",
     "bf16",
     "fp16",
 )
+# What a setting was before this program recorded it (checkpoints of older versions).
+_UNRECORDED = {"pipeline_model_parallel_size": 1}
 _ITERATION_DIR = re.compile(r"^iter_(\d{7,})$")
 
 
@@ -188,16 +192,18 @@ def _listing(root: Path, args, fallback: bool) -> tuple[list[int], list[int], st
 
 def _check_settings(directory: Path, metadata: dict[str, Any], args) -> None:
     now = {name: getattr(args, name, None) for name in MUST_MATCH}
+    saved = {name: metadata.get(name, _UNRECORDED.get(name)) for name in MUST_MATCH}
     mismatches = [
-        f"{name}: checkpoint {metadata.get(name)!r} vs now {now[name]!r}"
+        f"{name}: checkpoint {saved[name]!r} vs now {now[name]!r}"
         for name in MUST_MATCH
-        if json.loads(json.dumps(now[name])) != metadata.get(name)
+        if json.loads(json.dumps(now[name])) != saved[name]
     ]
     if mismatches:
         raise CheckpointError(
             f"checkpoint {directory} was written with different settings:\n  "
             + "\n  ".join(mismatches)
-            + "\nresume with the same model shape, number of ranks and --swiftmoe settings "
+            + "\nresume with the same model shape, number of ranks, --pipeline-model-parallel-size and "
+            "--swiftmoe settings "
             "(or start a new run with another --save directory)"
         )
 

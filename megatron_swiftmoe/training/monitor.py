@@ -2,7 +2,8 @@
 
 :class:`MoELoadMonitor` hooks every MoE layer (SwiftMoE or stock) and counts, per iteration,
 the routed pairs per expert, the pairs each rank computed, the pairs the router dropped
-(capacity factor) and the token pairs sent to other ranks. :class:`MetricsWriter` writes one
+(capacity factor) and the token pairs sent to other ranks; with pipeline stages every rank
+gets the figures of every stage's layers. :class:`MetricsWriter` writes one
 JSON object per iteration (rank 0) and mirrors scalars to TensorBoard / W&B when asked.
 
 JSONL keys (per iteration): ``iteration``, ``lm_loss``, ``aux_loss`` (load-balancing loss,
@@ -10,9 +11,9 @@ mean over MoE layers), ``z_loss``, ``lr``, ``grad_norm``, ``skipped``, ``loss_sc
 ``tokens_per_s``, ``iter_time_s``, ``time_forward_backward_s``, ``time_optimizer_s``,
 ``consumed_samples``, ``bytes_sent`` (this iteration, summed over ranks: ``dense_grad``,
 ``dense_param``, ``expert_grad``, ``expert_param``, ``tokens``), and ``layers``: one entry
-per MoE layer with ``tokens_per_expert`` [E] (global routed pairs that were computed, i.e.
-after capacity drops), ``replicas_per_expert``
-[E], ``tokens_per_rank`` [N] (pairs each rank's experts computed), ``static_tokens_per_rank``
+per MoE layer (of all pipeline stages, in layer order) with ``tokens_per_expert`` [E] (global
+routed pairs that were computed, i.e. after capacity drops), ``replicas_per_expert`` [E],
+``tokens_per_rank`` [N] (pairs each data-parallel rank's experts computed), ``static_tokens_per_rank``
 [N] (what static expert parallelism, E/N consecutive experts per rank, would have computed
 for the same routing), ``dropped_tokens`` (pairs dropped over capacity), ``tokens_sent``
 (pairs sent to another rank), and per micro-batch: ``microbatch_tokens_per_expert`` [M][E]
@@ -41,11 +42,21 @@ from megatron_swiftmoe.core.layer import SwiftMoELayer
 
 
 class MoELoadMonitor:
-    """Counts expert load per MoE layer over the micro-batches of one iteration (training only)."""
+    """Counts expert load per MoE layer over the micro-batches of one iteration (training only).
 
-    def __init__(self, layers: list, group: Optional[dist.ProcessGroup] = None):
+    Args:
+        layers: this rank's MoE layers.
+        group: the ranks whose load is summed and listed per rank (the layers' data-parallel
+            group); default: the world.
+        pipeline_group: with pipeline stages, the ranks of the other stages (same data-parallel
+            rank), whose layers' figures :meth:`collect` appends in stage order.
+    """
+
+    def __init__(self, layers: list, group: Optional[dist.ProcessGroup] = None,
+                 pipeline_group: Optional[dist.ProcessGroup] = None):
         self.layers = layers
         self.group = group
+        self.pipeline_group = pipeline_group
         self.num_ranks = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.reset()
@@ -94,6 +105,16 @@ class MoELoadMonitor:
 
     def collect(self) -> list[dict[str, Any]]:
         """Global per-layer figures for the iteration just trained (collective); then reset."""
+        figures = self._collect_stage() if self.layers else []  # a stage may have no MoE layer
+        if self.pipeline_group is not None and dist.get_world_size(self.pipeline_group) > 1:
+            stages: list[Any] = [None] * dist.get_world_size(self.pipeline_group)
+            dist.all_gather_object(stages, figures, group=self.pipeline_group)
+            figures = [layer for stage in stages for layer in stage]
+        self.reset()
+        return figures
+
+    def _collect_stage(self) -> list[dict[str, Any]]:
+        """This rank's layers' figures, summed over ``group`` (collective within it)."""
         device = next(self.layers[0].parameters()).device
         routed = torch.stack(self.routed).to(device)
         dist.all_reduce(routed, group=self.group)
@@ -132,7 +153,6 @@ class MoELoadMonitor:
                     static_max_mean=_mean_imbalance(static_micro),
                 )
             )
-        self.reset()
         return figures
 
 

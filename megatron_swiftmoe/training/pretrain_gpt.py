@@ -4,8 +4,10 @@ Launch with torchrun (or srun), Megatron-LM flag names::
 
     torchrun --nproc-per-node 2 -m megatron_swiftmoe.pretrain_gpt --config configs/tiny_cpu.yaml
 
-GPU + NCCL when CUDA is present, CPU + gloo otherwise. Data parallel over all ranks (TP = PP = 1);
-experts are replicated per iteration (SwiftMoE) or partitioned E/N per rank (baseline).
+GPU + NCCL when CUDA is present, CPU + gloo otherwise. ``--pipeline-model-parallel-size P``
+stages (Megatron's 1F1B schedule), each a data-parallel group of N = world / P ranks (TP = 1);
+each stage's experts are replicated per iteration over its N ranks (SwiftMoE) or partitioned E/N
+per rank (baseline).
 """
 
 from __future__ import annotations
@@ -48,14 +50,19 @@ def initialize_distributed(args: argparse.Namespace) -> None:
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(
-        expert_model_parallel_size=1 if args.swiftmoe else args.world_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        expert_model_parallel_size=1 if args.swiftmoe else args.data_parallel_size,
         distributed_timeout_minutes=args.distributed_timeout_minutes,
     )
 
 
 def set_random_seed(seed: int) -> None:
-    """Megatron-LM's ``_set_random_seed`` (TP = PP = 1): Python, numpy, torch and Megatron's
-    model-parallel RNG tracker, the same seed on every data-parallel rank."""
+    """Megatron-LM's ``_set_random_seed`` (TP = 1): Python, numpy, torch and Megatron's
+    model-parallel RNG tracker, the same seed on every data-parallel rank, ``seed + 100 *
+    pipeline rank`` on each pipeline stage."""
+    from megatron.core import parallel_state
+
+    seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
     random.seed(seed)
     np.random.seed(seed)
     compat.manual_seed(seed)
@@ -86,25 +93,36 @@ def build_data(args: argparse.Namespace):
     return tokenizer.vocab_size, train, valid
 
 
-def micro_batches(dataset, args: argparse.Namespace, iteration: int, device) -> Iterator[dict[str, torch.Tensor]]:
-    """This rank's micro-batches of one iteration: sample ``it*GB + (m*DP + rank)*MB + j``.
+def stage_batch_keys() -> tuple[str, ...]:
+    """What this pipeline stage reads of a sample: the first stage the input, the last the
+    targets (one stage: both; a middle stage: nothing, its input comes from the previous stage)."""
+    from megatron.core import parallel_state
+
+    return (("tokens", "position_ids") if parallel_state.is_pipeline_first_stage() else ()) + (
+        ("labels", "loss_mask") if parallel_state.is_pipeline_last_stage() else ())
+
+
+def micro_batches(dataset, args: argparse.Namespace, iteration: int, device, dp_rank: int,
+                  keys: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+    """This data-parallel rank's micro-batches of one iteration, ``keys`` of each sample:
+    sample ``it*GB + (m*DP + dp_rank)*MB + j``.
 
     Position depends only on the iteration, so a resumed run reads exactly what the
     uninterrupted run would have read.
     """
     dp, mbs = args.data_parallel_size, args.micro_batch_size
     for micro in range(args.global_batch_size // (dp * mbs)):
-        first = iteration * args.global_batch_size + (micro * dp + args.rank) * mbs
-        items = [dataset[first + j] for j in range(mbs)]
-        yield {key: torch.stack([torch.as_tensor(item[key]) for item in items]).to(device) for key in
-               ("tokens", "labels", "loss_mask", "position_ids")}
+        first = iteration * args.global_batch_size + (micro * dp + dp_rank) * mbs
+        items = [dataset[first + j] for j in range(mbs)] if keys else []
+        yield {key: torch.stack([torch.as_tensor(item[key]) for item in items]).to(device) for key in keys}
 
 
 def forward_step(data_iterator, model):
-    """Megatron schedule callback: model output and the loss function for one micro-batch."""
+    """Megatron schedule callback: model output and the loss function for one micro-batch
+    (on a pipeline stage the batch holds what :func:`stage_batch_keys` names; the rest is None)."""
     batch = next(data_iterator)
-    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return losses, functools.partial(masked_mean_loss, batch["loss_mask"])
+    output = model(batch.get("tokens"), batch.get("position_ids"), None, labels=batch.get("labels"))
+    return output, functools.partial(masked_mean_loss, batch.get("loss_mask"))
 
 
 def masked_mean_loss(loss_mask: torch.Tensor, losses: torch.Tensor):
@@ -152,6 +170,7 @@ class Trainer:
     """Model, optimizer, schedule and reporting of one run."""
 
     def __init__(self, args: argparse.Namespace):
+        from megatron.core import parallel_state
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -188,9 +207,13 @@ class Trainer:
             wsd_decay_steps=getattr(args, "lr_wsd_decay_iters", None),
             lr_wsd_decay_style=getattr(args, "lr_wsd_decay_style", None),
         )
-        self.forward_backward = get_forward_backward_func()
-        self.moe_layers = moe_layers(self.model)
-        self.monitor = MoELoadMonitor(self.moe_layers)
+        self.forward_backward = get_forward_backward_func()  # 1F1B with pipeline stages
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.batch_keys = stage_batch_keys()
+        self.pipeline_group = parallel_state.get_pipeline_model_parallel_group()
+        self.moe_layers = moe_layers(self.model)  # this stage's
+        self.monitor = MoELoadMonitor(
+            self.moe_layers, group=parallel_state.get_data_parallel_group(), pipeline_group=self.pipeline_group)
         self.iteration = 0
         # The weights come from name-keyed seeds (model.py), but building SwiftMoE and stock MoE
         # layers draws differently from the generators: seed them again, so that both strategies
@@ -201,9 +224,10 @@ class Trainer:
         resume = self.iteration > 0
         self.metrics = agree("opening the metrics", lambda: MetricsWriter(args, dist.get_rank() == 0, resume))
         num_params = sum(p.numel() for p in self.model.parameters())
+        stages = (f"{args.pipeline_model_parallel_size} pipeline stages x {args.data_parallel_size} data-parallel "
+                  "ranks" if args.pipeline_model_parallel_size > 1 else f"{args.world_size} ranks")
         log0(f"> model: {num_params / 1e6:.2f}M parameters on this rank, "
-             f"{'SwiftMoE' if args.swiftmoe else 'static expert parallelism'}, "
-             f"{args.world_size} ranks, {self.device}")
+             f"{'SwiftMoE' if args.swiftmoe else 'static expert parallelism'}, {stages}, {self.device}")
 
     # ---- checkpoints
 
@@ -258,27 +282,34 @@ class Trainer:
     # ---- steps
 
     def run_microbatches(self, dataset, iteration: int, forward_only: bool) -> float:
+        """Forward (and backward) over the iteration's micro-batches; the mean loss, on every rank."""
         args = self.args
         losses = self.forward_backward(
             forward_step_func=forward_step,
-            data_iterator=micro_batches(dataset, args, iteration, self.device),
+            data_iterator=micro_batches(dataset, args, iteration, self.device, self.dp_rank, self.batch_keys),
             model=self.model,
             num_microbatches=args.num_micro_batches,
             seq_length=args.seq_length,
             micro_batch_size=args.micro_batch_size,
             forward_only=forward_only,
         )
-        loss = torch.stack([item["lm loss"] for item in losses]).mean().reshape(1)
+        # Only the last pipeline stage has losses: the others add zeros.
+        loss = torch.zeros(1, dtype=torch.float64, device=self.device)
+        if losses:
+            loss += torch.stack([item["lm loss"] for item in losses]).double().sum()
         dist.all_reduce(loss)
-        return loss.item() / dist.get_world_size()
+        return loss.item() / (args.data_parallel_size * args.num_micro_batches)
 
     def train_step(self) -> dict[str, Any]:
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+        from megatron_swiftmoe.training.model import allreduce_tied_embedding_grads
 
         self.model.train()
         self.optimizer.zero_grad()
         start = time.time()
         lm_loss = self.run_microbatches(self.train_data, self.iteration, forward_only=False)
+        allreduce_tied_embedding_grads(self.model)
         routing_losses = self.routing_losses()
         clear_aux_losses_tracker()
         layers = self.monitor.collect()
@@ -324,8 +355,14 @@ class Trainer:
 
         tracker = get_moe_layer_wise_logging_tracker()
         names = sorted(tracker)
-        totals = self.all_reduce_sum([tracker[name]["values"].sum().double() for name in names])
-        scale = len(self.moe_layers) * self.args.num_micro_batches * dist.get_world_size()
+        if dist.get_world_size(self.pipeline_group) > 1:  # a stage without MoE layers tracks none
+            stages: list[Any] = [None] * dist.get_world_size(self.pipeline_group)
+            dist.all_gather_object(stages, names, group=self.pipeline_group)
+            names = sorted(set().union(*stages))
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        totals = self.all_reduce_sum([tracker[name]["values"].sum().double() if name in tracker else zero
+                                      for name in names])
+        scale = sum(self.args.moe_layer_freq) * self.args.num_micro_batches * self.args.data_parallel_size
         return {name.replace("load_balancing_loss", "aux_loss"): total / scale for name, total in zip(names, totals)}
 
     def evaluate(self) -> float:
