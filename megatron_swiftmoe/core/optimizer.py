@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from megatron.core import parallel_state
 from megatron.core.transformer.module import param_is_not_shared
+from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
 
 from megatron_swiftmoe.core.layer import SwiftMoELayer, master_dtype, plan_placement
@@ -340,6 +341,8 @@ class SwiftMoEOptimizer:
         self.clip_grad = clip_grad
         self.loss_scaler = loss_scaler
         self.layers = [m for module in modules for m in module.modules() if isinstance(m, SwiftMoELayer)]
+        # Every MoE layer's router, SwiftMoE's or Megatron's stock one (the static baseline).
+        self.routers = [m.router for module in modules for m in module.modules() if isinstance(m, MoELayer)]
         slot_params = {id(p) for layer in self.layers for p in layer.experts.parameters()}
 
         # (weight decay?, replicated on all ranks?, in the gradient norm?) -> params; Megatron's
@@ -435,17 +438,17 @@ class SwiftMoEOptimizer:
             sent["expert_param"] += param_bytes
             sent["expert_migration"] += migrated
             stats.migration_peak_bytes = max(stats.migration_peak_bytes, peak)
-            self._update_expert_bias(shards.layer)
+        for router in self.routers:
+            self._update_expert_bias(router)
         return stats
 
     @staticmethod
-    def _update_expert_bias(layer: SwiftMoELayer) -> None:
+    def _update_expert_bias(router) -> None:
         # What Megatron-LM's finalize_model_grads does for aux-loss-free balancing.
-        router = layer.router
         if getattr(router, "enable_expert_bias", False):
             router.expert_bias.copy_(
                 get_updated_expert_bias(
-                    router.local_tokens_per_expert, router.expert_bias, layer.config.moe_router_bias_update_rate
+                    router.local_tokens_per_expert, router.expert_bias, router.config.moe_router_bias_update_rate
                 )
             )
             router.local_tokens_per_expert.zero_()

@@ -40,9 +40,8 @@ from megatron_swiftmoe.training.agreement import AgreedError
 class _State:
     """What the hooks share during one run."""
 
-    monitor = None  # MoELoadMonitor over this pipeline stage's SwiftMoE layers
-    layer_numbers: list = []  # their global transformer layer numbers (0-based)
-    figures: list = []  # the last iteration's per-layer load figures
+    monitor = None  # MoELoadMonitor over the SwiftMoE layers of every pipeline stage
+    figures: list = []  # the last iteration's per-layer load figures, all stages in order
 
 
 def _args():
@@ -169,12 +168,15 @@ def _get_megatron_optimizer(original):
             return original(config, model_chunks, *args, **kwargs)
         with _slots_hidden(model_chunks):
             dense = original(config, model_chunks, *args, **kwargs)
+        from megatron.core import parallel_state
+
         from megatron_swiftmoe.training.monitor import MoELoadMonitor
 
-        layers = swiftmoe_checkpointing.moe_layers(model_chunks)
-        if layers:
-            _State.monitor = MoELoadMonitor(layers, group=layers[0].group)
-            _State.layer_numbers = [layer.layer_number - 1 for layer in layers]
+        _State.monitor = MoELoadMonitor(  # a stage may have no MoE layer: it still takes part
+            swiftmoe_checkpointing.moe_layers(model_chunks),
+            group=parallel_state.get_data_parallel_group(),
+            pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
+        )
         return chain_with_experts(dense, config, model_chunks)
 
     return get_megatron_optimizer
@@ -216,7 +218,7 @@ def _training_log(original):
     @functools.wraps(original)
     def training_log(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs):
         result = original(loss_dict, total_loss_dict, learning_rate, iteration, *args, **kwargs)
-        if _active() and iteration % _args().log_interval == 0:
+        if _active() and _State.figures and iteration % _args().log_interval == 0:
             _log_load(iteration)
         return result
 
@@ -229,17 +231,9 @@ def _log_load(iteration: int) -> None:
 
     from megatron_swiftmoe.training.monitor import load_line
 
-    from megatron.core import parallel_state
-
-    layers = list(zip(_State.layer_numbers, _State.figures))
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        # Every stage's layers, for the last rank that prints (collective: all ranks log alike).
-        stages = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(stages, layers)
-        layers = sorted(dict(pair for stage in stages for pair in stage).items())
     writer, wandb_writer = get_tensorboard_writer(), get_wandb_writer()
     scalars = {}
-    for index, figures in layers:
+    for index, figures in enumerate(_State.figures):
         print_rank_last(load_line(index, figures))
         scalars[f"swiftmoe/layer{index}/rank_load_max_over_mean"] = figures["realised_max_mean"]
         scalars[f"swiftmoe/layer{index}/static_ep_rank_load_max_over_mean"] = figures["static_max_mean"]

@@ -22,8 +22,9 @@ for the same routing), ``dropped_tokens`` (pairs dropped over capacity), ``token
 computed: what the split really gave; for a stock layer its static layout) and
 ``static_max_mean`` (the same for static expert parallelism on the same routing).
 ``bytes_sent`` also has ``expert_migration`` (FlexMoE-like re-plans) and
-``migration_peak_bytes`` is the largest migration buffer of any rank. Evaluation iterations
-add ``valid_lm_loss``.
+``migration_peak_bytes`` is the largest migration buffer of any rank; ``peak_memory_bytes`` the
+largest peak of allocated device memory of any rank so far (CUDA; 0 on the CPU). Evaluation
+iterations add ``valid_lm_loss``.
 """
 
 from __future__ import annotations

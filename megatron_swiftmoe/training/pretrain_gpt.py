@@ -322,7 +322,10 @@ class Trainer:
         sent = dict(zip(sent, self.all_reduce_sum(list(sent.values()))))
         sent["tokens"] = sum(layer["tokens_sent"] for layer in layers) * self.args.hidden_size * 2 * (
             torch.finfo(self.args.params_dtype).bits // 8)
-        peak = torch.tensor([stats.migration_peak_bytes], dtype=torch.float64, device=self.device)
+        # Largest over ranks: the migration buffer, and the device memory peak (CUDA's allocator
+        # statistics; 0 on the CPU, which keeps none).
+        device_peak = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else 0
+        peak = torch.tensor([stats.migration_peak_bytes, device_peak], dtype=torch.float64, device=self.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         return dict(
             iteration=self.iteration,
@@ -338,7 +341,8 @@ class Trainer:
             time_optimizer_s=end - middle,
             tokens_per_s=self.args.global_batch_size * self.args.seq_length / (end - start),
             bytes_sent={key: int(value) for key, value in sent.items()},
-            migration_peak_bytes=int(peak.item()),
+            migration_peak_bytes=int(peak[0].item()),
+            peak_memory_bytes=int(peak[1].item()),
             layers=layers,
         )
 
