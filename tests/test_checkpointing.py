@@ -116,7 +116,8 @@ def test_bad_checkpoints_fail_clearly(tmp_path):
     assert m["empty_dir"] is None
 
 
-def _damage(path: Path, how: str) -> None:
+def damage(path: Path, how: str) -> None:
+    """Damage a checkpoint file: ``truncated``, ``deleted``, or one byte flipped (``checksum``)."""
     if how == "truncated":
         os.truncate(path, path.stat().st_size // 2)
     elif how == "deleted":
@@ -140,7 +141,7 @@ def damaged_rank_file_worker(rank: int, world_size: int, root: str) -> dict:
         copy = Path(root) / how
         if rank == 0:
             shutil.copytree(pristine, copy)
-            _damage(copy / "iter_0000004" / f"rank_{victim:05d}.pt", how)
+            damage(copy / "iter_0000004" / f"rank_{victim:05d}.pt", how)
         dist.barrier()
         strict = _load_message(copy, args)
         iteration, state = load_checkpoint(copy, args, fallback=True)

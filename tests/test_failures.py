@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_checkpointing import damage
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # a run still going after this is a hang: killed, and the test fails
 BOUND_S = 120  # every failure below must end the job within this (they take seconds)
@@ -120,14 +122,7 @@ def damaged_copy(saved_dir: Path, target: Path, victim: int, how: str) -> Path:
     """A copy of the checkpoints with rank ``victim``'s file of iteration 4 damaged; returns that file."""
     shutil.copytree(saved_dir, target)
     rank_file = target / "iter_0000004" / f"rank_{victim:05d}.pt"
-    if how == "truncated":
-        os.truncate(rank_file, rank_file.stat().st_size // 2)
-    elif how == "deleted":
-        rank_file.unlink()
-    else:  # one flipped byte: same size, wrong checksum
-        data = bytearray(rank_file.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        rank_file.write_bytes(bytes(data))
+    damage(rank_file, how)
     return rank_file
 
 
