@@ -35,8 +35,8 @@ import runpy
 
 import torch
 
+import megatron_swiftmoe.megatron_lm  # noqa: F401  (first: its CPU shims precede Megatron's imports)
 import gpt_builders
-import megatron_swiftmoe.megatron_lm  # noqa: F401
 
 build = gpt_builders.gpt_builder
 

@@ -231,6 +231,7 @@ _MEGATRON_LM_CUDA_MODULES = (
     "megatron.training.models.dist_utils",  # core_v0.19 on
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.transformer.moe.moe_utils",  # track_moe_metrics when no layer logged an aux loss
 )
 _megatron_lm_applied = False
 
