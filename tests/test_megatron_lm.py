@@ -148,7 +148,7 @@ def initial_checkpoint(tree, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer", "--overlap-grad-reduce"]],
+@pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]],
                          ids=["plain", "distributed"])
 def test_swiftmoe_equals_static_expert_parallelism(tree, initial_checkpoint, optimizer):
     start = ["--load", str(initial_checkpoint), "--finetune", "--ckpt-format", "torch_dist", *optimizer]
