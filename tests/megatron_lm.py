@@ -56,11 +56,27 @@ def source_tree(tree: str) -> Path:
     return Path(os.environ.get("MEGATRON_LM_DIR") or SHARED_TREES / tree)
 
 
+def missing_reason(tree: str) -> str | None:
+    """Why there is no checkout of ``tree`` to test (None if there is one). CI sets
+    SWIFTMOE_REQUIRE_MEGATRON_LM=1: there a missing checkout fails instead of skipping."""
+    source = source_tree(tree)
+    if (source / "pretrain_gpt.py").is_file():
+        return None
+    reason = (f"no Megatron-LM checkout at {source}: set MEGATRON_LM_DIR to a checkout of tag {tree}, "
+              f"or run from a clone of this repository next to shared/")
+    if os.environ.get("SWIFTMOE_REQUIRE_MEGATRON_LM") == "1":
+        raise FileNotFoundError(reason)
+    return reason
+
+
 def skip_reason(tree: str) -> str | None:
-    """Why ``tree`` cannot run here (None if it can): its megatron-core generation must be the
-    installed one, whose Python dependencies this environment has."""
+    """Why ``tree`` cannot run here (None if it can): a checkout of it must exist, and its
+    megatron-core generation must be the installed one, whose Python dependencies this
+    environment has."""
     import megatron.core
 
+    if missing := missing_reason(tree):
+        return missing
     info = (source_tree(tree) / "megatron" / "core" / "package_info.py").read_text()
     wanted = ".".join(re.search(rf"^{key} = (\d+)", info, re.M).group(1) for key in ("MAJOR", "MINOR"))
     installed = ".".join(megatron.core.__version__.split(".")[:2])
