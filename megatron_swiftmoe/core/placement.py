@@ -442,6 +442,8 @@ class _Classes(NamedTuple):
     cell_start: torch.Tensor  # [P] position in by_cell of the first pool of the same cell
     by_class: torch.Tensor  # [N] ranks by (class, rank)
     class_start: torch.Tensor  # [N] position in by_class of the first rank of the same class
+    component: torch.Tensor  # [E] connected component of each expert (experts linked by a rank hosting both)
+    component_ranks: torch.Tensor  # [E] ranks of each component (0: not a component's label)
 
 
 def _classes(placement: torch.Tensor, e: int, alone: torch.Tensor | None = None) -> _Classes:
@@ -476,11 +478,37 @@ def _classes(placement: torch.Tensor, e: int, alone: torch.Tensor | None = None)
         experts[c].append(x)
     by_cell = torch.argsort(cell, stable=True)  # pools are in rank order already
     by_class = torch.argsort(class_of, stable=True)
+    sizes = size.tolist()
     return _Classes(
-        first, pool_rank, pool_expert, class_of, size.tolist(), cell, class_cells, experts, inc, by_cell,
+        first, pool_rank, pool_expert, class_of, sizes, cell, class_cells, experts, inc, by_cell,
         torch.searchsorted(cell[by_cell], cell[by_cell]), by_class,
-        torch.searchsorted(class_of[by_class], class_of[by_class]),
+        torch.searchsorted(class_of[by_class], class_of[by_class]), *_components(experts, sizes, e),
     )
+
+
+def _components(experts: list[list[int]], size: list[int], e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Connected components of the expert-class graph (union-find). A component's pairs can
+    only go to its own ranks, so ceil(pairs / ranks) of every component bounds the split's
+    largest rank load from below. Returns ([E] component label of each expert, [E] ranks per
+    label)."""
+    parent = list(range(e))
+
+    def root(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for ex in experts:
+        a = root(ex[0])
+        for x in ex[1:]:
+            b = root(x)
+            if b != a:
+                parent[b] = a
+    ranks = [0] * e
+    for ex, m in zip(experts, size):
+        ranks[root(ex[0])] += m
+    return torch.tensor([root(x) for x in range(e)]), torch.tensor(ranks)
 
 
 @functools.lru_cache(maxsize=64)
@@ -513,6 +541,11 @@ def _rank_quota(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
     alone = torch.zeros(n, dtype=torch.int64).index_add_(0, st.pool_rank, own) > lower
     if bool(alone.any()):
         st = _classes(placement, e, alone)
+    # The largest component bound: a tighter start than ceil(T / N), and in most cases
+    # measured the answer, so L rarely has to rise below.
+    pairs = torch.zeros(e, dtype=torch.int64).index_add_(0, st.component, total)
+    hosted = st.component_ranks > 0
+    bound = max(lower, int((-(-pairs[hosted] // st.component_ranks[hosted])).max()))
     k = len(st.size)
     cell = st.cell
     local = torch.zeros(k * e, dtype=torch.int64).index_add_(0, cell, own)
@@ -521,7 +554,7 @@ def _rank_quota(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
     for ex in st.experts:
         local_lists.append(local_list[start : start + len(ex)])
         start += len(ex)
-    level, lf, rf = _pool_flows(total.tolist(), st.experts, st.size, local_lists, lower, st.inc)
+    level, lf, rf = _pool_flows(total.tolist(), st.experts, st.size, local_lists, bound, st.inc)
 
     # Back to ranks: a class's local pairs of e go to its ranks in rank order (each at most
     # its own pairs, so a rank's local load stays <= L), then its remote pairs, expert by
