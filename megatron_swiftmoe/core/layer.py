@@ -360,6 +360,12 @@ class SwiftMoELayer(MoELayer):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+def swiftmoe_layers(modules) -> list[SwiftMoELayer]:
+    """The SwiftMoE layers of ``modules`` (a module or model chunks), in order."""
+    modules = [modules] if isinstance(modules, torch.nn.Module) else modules
+    return [m for module in modules for m in module.modules() if isinstance(m, SwiftMoELayer)]
+
+
 def _mlp_module(layer_spec) -> tuple[Optional[type], Optional[MoESubmodules]]:
     """(class, submodules) of a layer spec's MLP: a ``ModuleSpec`` up to megatron-core 0.17,
     a ``functools.partial`` builder from 0.18 on."""

@@ -35,11 +35,11 @@ from megatron.core.transformer.module import param_is_not_shared
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
 
-from megatron_swiftmoe.core.layer import SwiftMoELayer, master_dtype, plan_placement
+from megatron_swiftmoe.core.layer import SwiftMoELayer, master_dtype, plan_placement, shard_numel, swiftmoe_layers
 
 
 def _padded(numel: int, num_ranks: int) -> int:
-    return -(-numel // num_ranks) * num_ranks
+    return shard_numel(numel, num_ranks) * num_ranks
 
 
 def attach_main_grad(param: torch.nn.Parameter) -> None:
@@ -307,6 +307,13 @@ class StepStats:
     migration_peak_bytes: int = 0  # extra memory of a FlexMoE-like migration (send + receive)
 
 
+def refresh_slots(shards_list: list[ExpertShards]) -> None:
+    """Write every layer's shards into the slots of its current placement, after the shards
+    changed outside the optimizer (a load): the slots are a cache of them (collective)."""
+    for shards in shards_list:
+        shards.scatter_params(shards.layer.placement)
+
+
 class SwiftMoEOptimizer:
     """AdamW over a model containing :class:`SwiftMoELayer` layers, sharded as described above.
 
@@ -340,7 +347,7 @@ class SwiftMoEOptimizer:
         self.num_ranks = dist.get_world_size(self.group)
         self.clip_grad = clip_grad
         self.loss_scaler = loss_scaler
-        self.layers = [m for module in modules for m in module.modules() if isinstance(m, SwiftMoELayer)]
+        self.layers = swiftmoe_layers(modules)
         # Every MoE layer's router, SwiftMoE's or Megatron's stock one (the static baseline).
         self.routers = [m.router for module in modules for m in module.modules() if isinstance(m, MoELayer)]
         slot_params = {id(p) for layer in self.layers for p in layer.experts.parameters()}
@@ -475,8 +482,7 @@ class SwiftMoEOptimizer:
             )
         for master, value in zip(masters, saved):
             master.copy_(value)  # in place: the master tensors stay the same objects
-        for shards in self.expert_shards:  # the slots are a cache of the shards
-            shards.scatter_params(shards.layer.placement)
+        refresh_slots(self.expert_shards)
         self.adamw.load_state_dict(state["adamw"])
         self.steps = state.get("steps", 0)
         if self.loss_scaler and state.get("loss_scaler"):

@@ -18,13 +18,13 @@ In both formats the slots are refilled from the shards after a load.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
+
 import torch
 
-from megatron_swiftmoe.core.layer import SwiftMoELayer
 from megatron_swiftmoe.training.agreement import ExplainedError, agree
+from megatron_swiftmoe.training.checkpointing import fsync_file, sha256_file
 
 
 class SwiftMoECheckpointError(ExplainedError):
@@ -40,14 +40,6 @@ def rank_file(iteration_dir: str | Path, pp_rank: int, dp_rank: int) -> Path:
     return Path(iteration_dir) / "swiftmoe" / f"pp{pp_rank:03d}_dp{dp_rank:05d}.pt"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_rank_state(iteration_dir: str | Path, pp_rank: int, dp_rank: int, args, layers: list, optimizer) -> None:
     """Write this rank's expert shards and Adam moments (atomically, with a checksum)."""
     path = rank_file(iteration_dir, pp_rank, dp_rank)
@@ -59,10 +51,9 @@ def save_rank_state(iteration_dir: str | Path, pp_rank: int, dp_rank: int, args,
     }
     staging = path.with_name(path.name + ".tmp")
     torch.save(state, staging)
-    with open(staging, "rb") as handle:
-        os.fsync(handle.fileno())
+    fsync_file(staging)
     os.replace(staging, path)
-    path.with_name(path.name + ".sha256").write_text(_sha256(path) + "\n")
+    path.with_name(path.name + ".sha256").write_text(sha256_file(path) + "\n")
 
 
 def read_rank_state(iteration_dir: str | Path, pp_rank: int, dp_rank: int, args) -> dict:
@@ -77,7 +68,7 @@ def read_rank_state(iteration_dir: str | Path, pp_rank: int, dp_rank: int, args)
     checksum = path.with_name(path.name + ".sha256")
     if not path.is_file() or not checksum.is_file():
         raise SwiftMoECheckpointError(f"{where} is missing: the checkpoint is incomplete")
-    if _sha256(path) != checksum.read_text().strip():
+    if sha256_file(path) != checksum.read_text().strip():
         raise SwiftMoECheckpointError(f"{where} does not match its checksum {checksum.name}: the file is damaged")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -101,6 +92,3 @@ def load_rank_state(iteration_dir, pp_rank: int, dp_rank: int, args, layers: lis
     if load_optim:
         optimizer.load_moments(state["moments"])
 
-
-def moe_layers(model_chunks: list) -> list[SwiftMoELayer]:
-    return [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, SwiftMoELayer)]

@@ -30,10 +30,11 @@ from typing import Any, Callable, Optional
 import torch
 
 from megatron_swiftmoe.core.config import add_swiftmoe_arguments
-from megatron_swiftmoe.core.layer import swiftmoe_spec
+from megatron_swiftmoe.core.layer import swiftmoe_layers, swiftmoe_spec
+from megatron_swiftmoe.core.optimizer import refresh_slots
 from megatron_swiftmoe.megatron_lm import arguments as swiftmoe_arguments
 from megatron_swiftmoe.megatron_lm import checkpointing as swiftmoe_checkpointing
-from megatron_swiftmoe.megatron_lm.optimizer import chain_with_experts, refresh_slots
+from megatron_swiftmoe.megatron_lm.optimizer import chain_with_experts
 from megatron_swiftmoe.training.agreement import AgreedError
 
 
@@ -83,8 +84,7 @@ def _optional_module(name: str):
 @contextlib.contextmanager
 def _slots_hidden(model_chunks):
     """Slots look frozen while Megatron collects the parameters it manages (DDP, optimizer)."""
-    slots = [p for chunk in model_chunks for layer in swiftmoe_checkpointing.moe_layers([chunk])
-             for p in layer.experts.parameters()]
+    slots = [p for layer in swiftmoe_layers(model_chunks) for p in layer.experts.parameters()]
     for param in slots:
         param.requires_grad_(False)
     try:
@@ -173,7 +173,7 @@ def _get_megatron_optimizer(original):
         from megatron_swiftmoe.training.monitor import MoELoadMonitor
 
         _State.monitor = MoELoadMonitor(  # a stage may have no MoE layer: it still takes part
-            swiftmoe_checkpointing.moe_layers(model_chunks),
+            swiftmoe_layers(model_chunks),
             group=parallel_state.get_data_parallel_group(),
             pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
         )
@@ -190,7 +190,7 @@ def _finalize_model_grads(original):
             # Megatron has just divided every DDP gradient by the global token count.
             from megatron_swiftmoe.core.optimizer import param_grad
 
-            for layer in swiftmoe_checkpointing.moe_layers(model):
+            for layer in swiftmoe_layers(model):
                 for param in layer.experts.parameters():
                     grad = param_grad(param)
                     if grad is not None:
@@ -267,8 +267,8 @@ def _save_checkpoint(original):
         if megatron_args is not None and megatron_args.ckpt_format == "torch" and not kwargs.get("non_persistent_ckpt"):
             # Before Megatron's own save, which replaces the tracker file last.
             pp_rank, dp_rank = _parallel_ranks()
-            layers = swiftmoe_checkpointing.moe_layers(model)
-            experts = optimizer.chained_optimizers[-1]
+            layers = swiftmoe_layers(model)
+            experts = optimizer.experts
             swiftmoe_checkpointing.save_rank_state(
                 _iteration_dir(megatron_args.save, iteration), pp_rank, dp_rank, megatron_args, layers, experts
             )
@@ -296,8 +296,8 @@ def _after_load(model, optimizer, load_dir: Optional[str]) -> None:
     from megatron.training.checkpointing import get_checkpoint_tracker_filename, read_metadata
 
     args = _args()
-    layers = swiftmoe_checkpointing.moe_layers(model)
-    experts = optimizer.chained_optimizers[-1]
+    layers = swiftmoe_layers(model)
+    experts = optimizer.experts
     tracker = get_checkpoint_tracker_filename(load_dir) if load_dir else None
     if tracker and Path(tracker).is_file():
         iteration, release = read_metadata(tracker)

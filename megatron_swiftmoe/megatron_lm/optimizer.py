@@ -27,8 +27,8 @@ import torch.distributed as dist
 
 from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer
 
-from megatron_swiftmoe.core.layer import SwiftMoELayer
-from megatron_swiftmoe.core.optimizer import ExpertShards, attach_main_grad
+from megatron_swiftmoe.core.layer import swiftmoe_layers
+from megatron_swiftmoe.core.optimizer import ExpertShards, attach_main_grad, refresh_slots
 
 
 class SwiftMoEExpertOptimizer(MegatronOptimizer):
@@ -41,7 +41,7 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
     """
 
     def __init__(self, config, model_chunks: list, loss_scale_source: MegatronOptimizer):
-        layers = [m for chunk in model_chunks for m in chunk.modules() if isinstance(m, SwiftMoELayer)]
+        layers = swiftmoe_layers(model_chunks)
         self.shards = [ExpertShards(layer) for layer in layers]
         self.loss_scale_source = loss_scale_source
         # Per-token losses: DDP does not average over ranks, finalize_model_grads divides by tokens.
@@ -203,12 +203,6 @@ def _flat_items(state: dict):
             yield from _flat_items(value)
         else:
             yield key, value
-
-
-def refresh_slots(shards_list: list[ExpertShards]) -> None:
-    """Write every layer's shards into the slots of its current placement (collective)."""
-    for shards in shards_list:
-        shards.scatter_params(shards.layer.placement)
 
 
 class SwiftMoEChainedOptimizer(ChainedOptimizer):

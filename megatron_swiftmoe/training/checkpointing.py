@@ -78,12 +78,12 @@ def _rank_file(directory: Path, rank: int) -> Path:
     return directory / f"rank_{rank:05d}.pt"
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 24):
@@ -120,8 +120,8 @@ def save_checkpoint(root: str | Path, iteration: int, args, state: dict[str, Any
     def write() -> dict[str, Any]:
         rank_file = _rank_file(staging, rank)
         torch.save(state, rank_file)
-        _fsync_file(rank_file)
-        return {"bytes": rank_file.stat().st_size, "sha256": _sha256(rank_file)}
+        fsync_file(rank_file)
+        return {"bytes": rank_file.stat().st_size, "sha256": sha256_file(rank_file)}
 
     agree(f"saving checkpoint {final}: creating {staging}", prepare)
     files = agree(f"saving checkpoint {final}: writing the rank files", write, gather=True)
@@ -132,14 +132,14 @@ def save_checkpoint(root: str | Path, iteration: int, args, state: dict[str, Any
         names = [_rank_file(staging, r).name for r in range(len(files))]
         metadata = {**_metadata(args, iteration), "files": dict(zip(names, files))}
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=1))
-        _fsync_file(staging / "metadata.json")
+        fsync_file(staging / "metadata.json")
         replaced = final.with_name(final.name + ".old.tmp")
         if final.exists():  # re-saving an iteration (e.g. after a resume): replace it whole
             final.rename(replaced)  # removed once the new one is in place (or by the next save)
         staging.rename(final)
         tracker_tmp = root / (TRACKER + ".tmp")
         tracker_tmp.write_text(str(iteration))
-        _fsync_file(tracker_tmp)
+        fsync_file(tracker_tmp)
         os.replace(tracker_tmp, root / TRACKER)
         shutil.rmtree(replaced, ignore_errors=True)
 
@@ -237,7 +237,7 @@ def _read_rank_file(root: Path, iteration: int, args) -> dict[str, Any]:
             f"{whose} is {'truncated' if size < expected_file['bytes'] else 'too long'}: {size} bytes, "
             f"{expected_file['bytes']} when saved; the checkpoint is corrupt"
         )
-    checksum = _sha256(rank_file)
+    checksum = sha256_file(rank_file)
     if checksum != expected_file["sha256"]:
         raise CheckpointError(
             f"{whose} has a wrong checksum (SHA-256 {checksum}, {expected_file['sha256']} when saved): "
