@@ -553,6 +553,21 @@ def test_rank_split_is_optimal_against_min_cost_flow() -> None:
         assert got == _min_cost_split(tokens.tolist(), placement.tolist()), (tokens.tolist(), placement.tolist())
 
 
+def test_rank_split_is_optimal_on_planned_placements() -> None:
+    """What runs in training: placements from load_counts + place on one micro-batch's
+    popularity, split on the next one's pairs (the greedy fill leaves pairs to the augmenting
+    paths here), against networkx's min-cost flow."""
+    shapes = [(8, 12, 2, 1.0), (8, 8, 3, 1.5), (12, 10, 2, 1.2), (6, 8, 4, 2.0), (16, 16, 2, 1.0)]
+    for seed, (e, n, s, skew) in enumerate(shapes * 3):
+        g = torch.Generator().manual_seed(seed)
+        prob = _zipf(e, skew, seed).double()
+        draw = [(prob / prob.sum() * 60 * (0.5 + torch.rand(n, e, generator=g, dtype=torch.float64))).round().long()
+                for _ in range(2)]
+        placement = place(draw[0].sum(0), load_counts(draw[0].sum(0), n, s), n, s)
+        got = _rank_load_and_local(split_plan(draw[1], placement), placement)
+        assert got == _min_cost_split(draw[1].tolist(), placement.tolist()), (e, n, s, skew, seed)
+
+
 def test_rank_split_bench_example() -> None:
     # scripts/bench_layer.py's skewed case: the equal split gives 4212 / 3980 pairs, moving
     # 294 more of expert 0's pairs to rank 0 gives 4096 / 4096 with the same placement.

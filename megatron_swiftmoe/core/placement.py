@@ -25,9 +25,11 @@ import bisect
 import collections
 import functools
 import heapq
+import itertools
 import math
 from typing import NamedTuple
 
+import numpy
 import torch
 
 __all__ = [
@@ -427,23 +429,27 @@ def _replica_quota(total: torch.Tensor, slot_expert: torch.Tensor, counts: torch
 
 class _Classes(NamedTuple):
     """What the rank split needs of a placement: pools (distinct (rank, expert)), rank classes
-    (ranks hosting the same experts), and orders to spread a class's flows over its ranks."""
+    (ranks hosting the same experts), their cells (class, expert), and the orders that spread
+    a class's flows over its ranks."""
 
     first: torch.Tensor  # [P] first flat slot of each pool, pools sorted by (rank, expert)
     pool_rank: torch.Tensor  # [P]
     pool_expert: torch.Tensor  # [P]
-    class_of: torch.Tensor  # [N] class of each rank
+    pool_cell: torch.Tensor  # [P] cell of each pool; cells sorted: class by class, experts ascending
     size: list[int]  # [K] ranks per class
-    cell: torch.Tensor  # [P] class * E + expert of each pool
-    class_cells: torch.Tensor  # [C] distinct cells, sorted: class by class, experts ascending
-    experts: list[list[int]]  # [K] experts of each class
+    experts: list[list[int]]  # [K] experts of each class (its cells, in order)
     inc: list[list[tuple[int, int]]]  # [E] (class, position in its experts) hosting each expert
     by_cell: torch.Tensor  # [P] pools by (cell, rank)
     cell_start: torch.Tensor  # [P] position in by_cell of the first pool of the same cell
+    sorted_cell: torch.Tensor  # [P] pool_cell[by_cell]
     by_class: torch.Tensor  # [N] ranks by (class, rank)
     class_start: torch.Tensor  # [N] position in by_class of the first rank of the same class
+    sorted_class: torch.Tensor  # [N] class of each rank in by_class order
+    class_cells: torch.Tensor  # [K + 1] first cell of each class, then the number of cells C
+    class_bounds: list[int]  # class_cells as a list
     component: torch.Tensor  # [E] connected component of each expert (experts linked by a rank hosting both)
     component_ranks: torch.Tensor  # [E] ranks of each component (0: not a component's label)
+    order: list[int]  # [E] experts by fewest hosting classes, then id: the greedy fill's order
 
 
 def _classes(placement: torch.Tensor, e: int, alone: torch.Tensor | None = None) -> _Classes:
@@ -469,20 +475,22 @@ def _classes(placement: torch.Tensor, e: int, alone: torch.Tensor | None = None)
         _, class_of = torch.unique(rows, dim=0, return_inverse=True)
     size = torch.bincount(class_of)
     cell = class_of[pool_rank] * e + pool_expert
-    class_cells = torch.unique(cell)
+    cells, pool_cell = torch.unique(cell, return_inverse=True)
     experts: list[list[int]] = [[] for _ in range(size.numel())]
     inc: list[list[tuple[int, int]]] = [[] for _ in range(e)]
-    for c_e in class_cells.tolist():
+    for c_e in cells.tolist():
         c, x = divmod(c_e, e)
         inc[x].append((c, len(experts[c])))
         experts[c].append(x)
-    by_cell = torch.argsort(cell, stable=True)  # pools are in rank order already
+    by_cell = torch.argsort(pool_cell, stable=True)  # pools are in rank order already
     by_class = torch.argsort(class_of, stable=True)
     sizes = size.tolist()
+    bounds = torch.searchsorted(cells, torch.arange(size.numel() + 1) * e)
     return _Classes(
-        first, pool_rank, pool_expert, class_of, sizes, cell, class_cells, experts, inc, by_cell,
-        torch.searchsorted(cell[by_cell], cell[by_cell]), by_class,
-        torch.searchsorted(class_of[by_class], class_of[by_class]), *_components(experts, sizes, e),
+        first, pool_rank, pool_expert, pool_cell, sizes, experts, inc, by_cell,
+        torch.searchsorted(pool_cell[by_cell], pool_cell[by_cell]), pool_cell[by_cell], by_class,
+        torch.searchsorted(class_of[by_class], class_of[by_class]), class_of[by_class],
+        bounds, bounds.tolist(), *_components(experts, sizes, e), sorted(range(e), key=lambda x: (len(inc[x]), x)),
     )
 
 
@@ -512,9 +520,12 @@ def _components(experts: list[list[int]], size: list[int], e: int) -> tuple[torc
 
 
 @functools.lru_cache(maxsize=64)
-def _classes_of(n: int, s: int, e: int, placement: bytes) -> _Classes:
+def _classes_of(n: int, s: int, e: int, placement: bytes, alone: bytes | None = None) -> _Classes:
     # Fixed for a step while the split runs per layer and micro-batch: worth remembering.
-    return _classes(torch.frombuffer(bytearray(placement), dtype=torch.int64).view(n, s), e)
+    return _classes(
+        torch.frombuffer(bytearray(placement), dtype=torch.int64).view(n, s), e,
+        None if alone is None else torch.frombuffer(bytearray(alone), dtype=torch.bool),
+    )
 
 
 def _rank_quota(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
@@ -535,49 +546,46 @@ def _rank_quota(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
     quota = torch.zeros(n * s, dtype=torch.int64)
     if grand == 0:
         return quota
-    st = _classes_of(n, s, e, placement.contiguous().numpy().tobytes())
+    key = placement.contiguous().numpy().tobytes()
+    st = _classes_of(n, s, e, key)
     own = tokens[st.pool_rank, st.pool_expert]  # [P] pairs of the pool's expert from its own rank
     lower = -(-grand // n)
     alone = torch.zeros(n, dtype=torch.int64).index_add_(0, st.pool_rank, own) > lower
     if bool(alone.any()):
-        st = _classes(placement, e, alone)
+        st = _classes_of(n, s, e, key, alone.numpy().tobytes())
     # The largest component bound: a tighter start than ceil(T / N), and in most cases
     # measured the answer, so L rarely has to rise below.
     pairs = torch.zeros(e, dtype=torch.int64).index_add_(0, st.component, total)
     hosted = st.component_ranks > 0
     bound = max(lower, int((-(-pairs[hosted] // st.component_ranks[hosted])).max()))
-    k = len(st.size)
-    cell = st.cell
-    local = torch.zeros(k * e, dtype=torch.int64).index_add_(0, cell, own)
-    local_list = local[st.class_cells].tolist()
-    local_lists, start = [], 0
-    for ex in st.experts:
-        local_lists.append(local_list[start : start + len(ex)])
-        start += len(ex)
-    level, lf, rf = _pool_flows(total.tolist(), st.experts, st.size, local_lists, bound, st.inc)
+    local = torch.zeros(st.class_bounds[-1], dtype=torch.int64).index_add_(0, st.pool_cell, own).tolist()
+    local_lists = [local[a:b] for a, b in itertools.pairwise(st.class_bounds)]  # own pairs per cell
+    level, lf, rf = _pool_flows(total.tolist(), st.experts, st.size, local_lists, bound, st.inc, st.order)
 
     # Back to ranks: a class's local pairs of e go to its ranks in rank order (each at most
     # its own pairs, so a rank's local load stays <= L), then its remote pairs, expert by
-    # expert, fill its ranks in rank order up to L.
-    local_flow = torch.zeros(k * e, dtype=torch.int64)
-    remote_flow = torch.zeros(k * e, dtype=torch.int64)
-    local_flow[st.class_cells] = torch.tensor([v for row in lf for v in row], dtype=torch.int64)
-    remote_flow[st.class_cells] = torch.tensor([v for row in rf for v in row], dtype=torch.int64)
-    by_cell = st.by_cell
-    before = torch.cumsum(own[by_cell], 0) - own[by_cell]
+    # expert, fill its ranks in rank order up to L: on the class's number line of remote
+    # pairs, rank r takes [lo_r, hi_r) and expert e's pool on r the overlap with e's interval.
+    cells = st.class_bounds[-1]
+    local_flow = torch.from_numpy(numpy.fromiter(itertools.chain.from_iterable(lf), numpy.int64, cells))  # [C]
+    remote_flow = torch.from_numpy(numpy.fromiter(itertools.chain.from_iterable(rf), numpy.int64, cells))  # [C]
+    own_sorted = own[st.by_cell]
+    before = own_sorted.cumsum(0) - own_sorted
     before -= before[st.cell_start]
     kept = torch.empty_like(own)
-    kept[by_cell] = (local_flow[cell[by_cell]] - before).clamp(min=0).minimum(own[by_cell])
-    base = torch.zeros(n, dtype=torch.int64).index_add_(0, st.pool_rank, kept)
-    room = (level - base)[st.by_class]
-    room_before = torch.cumsum(room, 0) - room
+    kept[st.by_cell] = (local_flow[st.sorted_cell] - before).clamp(min=0).minimum(own_sorted)
+    room = (level - torch.zeros(n, dtype=torch.int64).index_add_(0, st.pool_rank, kept))[st.by_class]
+    room_before = room.cumsum(0) - room
     room_before -= room_before[st.class_start]
-    class_remote = remote_flow.view(k, e).sum(1)[st.class_of[st.by_class]]
+    remote_hi = remote_flow.cumsum(0)  # one number line for all classes, class by class
+    offset = torch.cat([remote_hi.new_zeros(1), remote_hi])[st.class_cells]  # [K + 1] class starts
+    end = offset[1:][st.sorted_class]
+    start = offset[:-1][st.sorted_class]
     lo = torch.empty(n, dtype=torch.int64)
-    lo[st.by_class] = room_before.minimum(class_remote)
+    lo[st.by_class] = (start + room_before).minimum(end)
     hi = torch.empty(n, dtype=torch.int64)
-    hi[st.by_class] = (room_before + room).minimum(class_remote)
-    remote_hi = remote_flow.view(k, e).cumsum(1).flatten()
+    hi[st.by_class] = (start + room_before + room).minimum(end)
+    cell = st.pool_cell
     remote = _overlap(lo[st.pool_rank], hi[st.pool_rank], remote_hi[cell] - remote_flow[cell], remote_hi[cell])
     quota[st.first] = kept + remote
     return quota
@@ -590,13 +598,15 @@ def _pool_flows(
     local: list[list[int]],
     lower: int,
     inc: list[list[tuple[int, int]]],
+    order: list[int],
 ) -> tuple[int, list[list[int]], list[list[int]]]:
     """Exact integer split of each expert's pairs over the rank classes hosting it.
 
     total: [E] pairs per expert; classes: K lists of distinct expert ids, a class being the
     ranks that host exactly these experts; size: [K] ranks per class; local: K lists aligned
     with ``classes``, the pairs of that expert whose source rank is in the class; lower: a
-    lower bound on the answer; inc: [E] (class, position) pairs hosting each expert. Returns
+    lower bound on the answer; inc: [E] (class, position) pairs hosting each expert; order:
+    the experts in the order the greedy fill takes them (fewest hosts first). Returns
     (L, local_flow, remote_flow): L is the smallest largest
     rank load of any split (a class takes at most size * L), and per class and expert the
     pairs it computes from its own sources and from other ranks, with the most local pairs
@@ -618,10 +628,10 @@ def _pool_flows(
         else:  # L* without locality, then the most local split at L*
             none = [[0] * len(ex) for ex in classes]
             flows = _flows_at(level, total, classes, size, none)
-            while not _place(inc, classes, flows, none):
+            while not _place(inc, classes, flows, order):
                 level = _raise(inc, classes, flows, level, total, size)
             flows = _flows_at(level, total, classes, size, local)
-        while not _place(inc, classes, flows, local):
+        while not _place(inc, classes, flows, order):
             if not flows.pinned or _reach(inc, classes, flows)[2]:
                 break
             level = _raise(inc, classes, flows, level, total, size)
@@ -647,28 +657,43 @@ class _Flows:
 def _flows_at(level, total, classes, size, local) -> _Flows:
     flows = _Flows(level, total, classes, size, local)
     for c, ex in enumerate(classes):  # local pairs first, as far as the class has room
+        room, lf, mine = flows.cap[c], flows.lf[c], local[c]
+        if sum(mine) <= room:  # the common case: all of them
+            lf[:] = mine
+            flows.load[c] = sum(mine)
+            for x, take in zip(ex, mine):
+                flows.left[x] -= take
+            continue
         for k, x in enumerate(ex):
-            flows.lf[c][k] = take = min(local[c][k], flows.cap[c] - flows.load[c])
+            lf[k] = take = min(mine[k], room - flows.load[c])
             flows.load[c] += take
             flows.left[x] -= take
-            flows.pinned &= take == local[c][k]
+            flows.pinned &= take == mine[k]
     return flows
 
 
-def _place(inc, classes, flows, local) -> bool:
+def _place(inc, classes, flows, order) -> bool:
     """Fill, then augment through remote pairs; True when every pair is placed."""
     cap, load, left, rf = flows.cap, flows.load, flows.left, flows.rf
-    # Straight to hosting classes with room: experts with fewest classes first, roomiest first.
-    for x in sorted((x for x in range(len(left)) if left[x]), key=lambda x: (len(inc[x]), x)):
-        for c, k in sorted(inc[x], key=lambda ck: (load[ck[0]] - cap[ck[0]], ck[0])):
-            d = min(cap[c] - load[c], left[x])
-            if d <= 0:
-                break
+    # Straight to hosting classes with room, experts with fewest classes first: a fixed order
+    # (no sorting per call), the augmenting paths repair what it gets wrong.
+    for x in order:
+        want = left[x]
+        if not want:
+            continue
+        for c, k in inc[x]:
+            room = cap[c] - load[c]
+            if room <= 0:
+                continue
+            d = room if room < want else want
             rf[c][k] += d
             load[c] += d
-            left[x] -= d
+            want -= d
+            if not want:
+                break
+        left[x] = want
     if any(left):
-        _augment(inc, classes, flows, local, None)
+        _augment_remote(inc, classes, flows)
     return not any(left)
 
 
@@ -702,34 +727,117 @@ def _reach(inc, classes, flows) -> tuple[list[int], list[int], bool]:
     return [x for x in range(len(left)) if seen_x[x]], [c for c in range(len(seen_c)) if seen_c[c]], room
 
 
-def _augment(inc, classes, flows, local, dist) -> bool:
-    """Blocking flows (Dinic) from the unplaced pairs to classes with room; True if any moved.
+def _augment_remote(inc, classes, flows) -> None:
+    """Blocking flows (Dinic) from the unplaced pairs to classes with room, moving remote pairs
+    only: an arc expert -> class adds a remote pair (unbounded), class -> expert moves one of
+    the class's remote pairs of that expert to another of its hosts (up to rf). Local pairs
+    stay where they are. Each phase's levels stop at the first level with room, and the
+    paths only end there: the shortest augmenting paths, as Dinic needs."""
+    cap, load, left, rf = flows.cap, flows.load, flows.left, flows.rf
+    while True:
+        roots = [x for x, v in enumerate(left) if v]
+        level_x, level_c = [-1] * len(left), [-1] * len(cap)
+        for x in roots:
+            level_x[x] = 0
+        frontier, target = roots, -1
+        while frontier and target < 0:
+            depth = level_x[frontier[0]] + 1
+            full = []
+            for x in frontier:
+                for c, _ in inc[x]:
+                    if level_c[c] < 0:
+                        level_c[c] = depth
+                        if load[c] < cap[c]:
+                            target = depth
+                        else:
+                            full.append(c)
+            if target >= 0:
+                break
+            frontier = []
+            for c in full:
+                for x2, v in zip(classes[c], rf[c]):
+                    if v and level_x[x2] < 0:
+                        level_x[x2] = depth + 1
+                        frontier.append(x2)
+        if target < 0:
+            return
+        next_x, next_c = [0] * len(left), [0] * len(cap)  # the first arc not yet known dead
+        for root in roots:
+            path = [root]  # expert, class, expert, ..., each step one arc
+            arcs = []  # (class, position of the expert in it)
+            while left[root]:
+                u = path[-1]
+                step = None
+                if len(path) % 2:  # at an expert: on to a class one level deeper
+                    hosts, i, depth = inc[u], next_x[u], level_x[u] + 1
+                    last = depth == target
+                    for step in itertools.islice(hosts, i, None):
+                        c = step[0]
+                        if level_c[c] == depth and (not last or load[c] < cap[c]):
+                            path.append(c)
+                            break
+                        i += 1
+                    else:
+                        step = None
+                    next_x[u] = i
+                else:  # at a class: move one of its remote pairs of a deeper expert away
+                    ex, row, i, depth = classes[u], rf[u], next_c[u], level_c[u] + 1
+                    for x in itertools.islice(ex, i, None):
+                        if row[i] and level_x[x] == depth:
+                            step = (u, i)
+                            path.append(x)
+                            break
+                        i += 1
+                    next_c[u] = i
+                if step is None:  # dead end: back off, and the parent skips this arc
+                    if len(path) == 1:
+                        break
+                    path.pop()
+                    arcs.pop()
+                    parent = path[-1]
+                    if len(path) % 2:
+                        next_x[parent] += 1
+                    else:
+                        next_c[parent] += 1
+                    continue
+                arcs.append(step)
+                if len(path) % 2 == 0 and level_c[path[-1]] == target:  # a class with room
+                    end = path[-1]
+                    d = min(left[root], cap[end] - load[end])
+                    for c, k in arcs[1::2]:
+                        d = min(d, rf[c][k])
+                    for i, (c, k) in enumerate(arcs):
+                        rf[c][k] += -d if i % 2 else d
+                    left[root] -= d
+                    load[end] += d
+                    path, arcs = [root], []
 
-    ``dist is None``: arcs expert -> class add a remote pair, class -> expert move one of its
-    remote pairs away. Else ``dist = (d_expert, d_class, target)`` from ``_cheapest``: only
-    arcs of reduced cost 0 (a new local pair costs 0, a new remote one 1, moving a local pair
-    0, moving a remote one -1), from unplaced pairs at distance 0 to classes with room at
-    distance ``target``.
+
+def _augment(inc, classes, flows, local, dist) -> bool:
+    """Blocking flows (Dinic) along cheapest paths; True if any pair moved.
+
+    ``dist = (d_expert, d_class, target)`` from ``_cheapest``: only arcs of reduced cost 0 (a
+    new local pair costs 0, a new remote one 1, moving a local pair 0, moving a remote one
+    -1), from unplaced pairs at distance 0 to classes with room at distance ``target``.
     """
     cap, load, left, lf, rf = flows.cap, flows.load, flows.left, flows.lf, flows.rf
+    d_x, d_c, target = dist
 
     def forward(x, c, k):  # kind of the usable arc: 0 local, 1 remote, None
-        if dist is None:
-            return 1
         kind = 0 if lf[c][k] < local[c][k] else 1
-        return kind if dist[1][c] == dist[0][x] + kind else None
+        return kind if d_c[c] == d_x[x] + kind else None
 
     def backward(c, k, x):  # kind of pair of expert x that class c can move away
-        if rf[c][k] > 0 and (dist is None or dist[0][x] == dist[1][c] - 1):
+        if rf[c][k] > 0 and d_x[x] == d_c[c] - 1:
             return 1
-        return 0 if dist is not None and lf[c][k] > 0 and dist[0][x] == dist[1][c] else None
+        return 0 if lf[c][k] > 0 and d_x[x] == d_c[c] else None
 
     def sink(c):
-        return cap[c] > load[c] and (dist is None or dist[1][c] == dist[2])
+        return cap[c] > load[c] and d_c[c] == target
 
     moved = False
     while True:
-        roots = [x for x in range(len(left)) if left[x] and (dist is None or dist[0][x] == 0)]
+        roots = [x for x in range(len(left)) if left[x] and d_x[x] == 0]
         lev_x, lev_c = [-1] * len(left), [-1] * len(cap)
         queue = collections.deque(roots)
         for x in roots:
