@@ -447,6 +447,8 @@ class _Classes(NamedTuple):
     sorted_class: torch.Tensor  # [N] class of each rank in by_class order
     class_cells: torch.Tensor  # [K + 1] first cell of each class, then the number of cells C
     class_bounds: list[int]  # class_cells as a list
+    cell_class: torch.Tensor  # [C] class of each cell
+    cell_expert: torch.Tensor  # [C] expert of each cell
     component: torch.Tensor  # [E] connected component of each expert (experts linked by a rank hosting both)
     component_ranks: torch.Tensor  # [E] ranks of each component (0: not a component's label)
     order: list[int]  # [E] experts by fewest hosting classes, then id: the greedy fill's order
@@ -490,7 +492,7 @@ def _classes(placement: torch.Tensor, e: int, alone: torch.Tensor | None = None)
         first, pool_rank, pool_expert, pool_cell, sizes, experts, inc, by_cell,
         torch.searchsorted(pool_cell[by_cell], pool_cell[by_cell]), pool_cell[by_cell], by_class,
         torch.searchsorted(class_of[by_class], class_of[by_class]), class_of[by_class],
-        bounds, bounds.tolist(), *_components(experts, sizes, e), sorted(range(e), key=lambda x: (len(inc[x]), x)),
+        bounds, bounds.tolist(), cells // e, cells % e, *_components(experts, sizes, e), sorted(range(e), key=lambda x: (len(inc[x]), x)),
     )
 
 
@@ -550,7 +552,8 @@ def _rank_quota(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
     st = _classes_of(n, s, e, key)
     own = tokens[st.pool_rank, st.pool_expert]  # [P] pairs of the pool's expert from its own rank
     lower = -(-grand // n)
-    alone = torch.zeros(n, dtype=torch.int64).index_add_(0, st.pool_rank, own) > lower
+    rank_own = torch.zeros(n, dtype=torch.int64).index_add_(0, st.pool_rank, own)
+    alone = rank_own > lower
     if bool(alone.any()):
         st = _classes_of(n, s, e, key, alone.numpy().tobytes())
     # The largest component bound: a tighter start than ceil(T / N), and in most cases
@@ -558,23 +561,32 @@ def _rank_quota(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
     pairs = torch.zeros(e, dtype=torch.int64).index_add_(0, st.component, total)
     hosted = st.component_ranks > 0
     bound = max(lower, int((-(-pairs[hosted] // st.component_ranks[hosted])).max()))
-    local = torch.zeros(st.class_bounds[-1], dtype=torch.int64).index_add_(0, st.pool_cell, own).tolist()
-    local_lists = [local[a:b] for a, b in itertools.pairwise(st.class_bounds)]  # own pairs per cell
-    level, lf, rf = _pool_flows(total.tolist(), st.experts, st.size, local_lists, bound, st.inc, st.order)
+    local = torch.zeros(st.class_bounds[-1], dtype=torch.int64).index_add_(0, st.pool_cell, own)  # [C]
+    sums = (
+        torch.zeros(len(st.size), dtype=torch.int64).index_add_(0, st.cell_class, local).tolist(),
+        torch.zeros(e, dtype=torch.int64).index_add_(0, st.cell_expert, local).tolist(),
+    )
+    local = local.tolist()
+    local_lists = [local[a:b] for a, b in itertools.pairwise(st.class_bounds)]
+    level, lf, rf, pinned = _pool_flows(total.tolist(), st.experts, st.size, local_lists, bound, st.inc, st.order, sums)
 
     # Back to ranks: a class's local pairs of e go to its ranks in rank order (each at most
     # its own pairs, so a rank's local load stays <= L), then its remote pairs, expert by
     # expert, fill its ranks in rank order up to L: on the class's number line of remote
     # pairs, rank r takes [lo_r, hi_r) and expert e's pool on r the overlap with e's interval.
     cells = st.class_bounds[-1]
-    local_flow = torch.from_numpy(numpy.fromiter(itertools.chain.from_iterable(lf), numpy.int64, cells))  # [C]
     remote_flow = torch.from_numpy(numpy.fromiter(itertools.chain.from_iterable(rf), numpy.int64, cells))  # [C]
-    own_sorted = own[st.by_cell]
-    before = own_sorted.cumsum(0) - own_sorted
-    before -= before[st.cell_start]
-    kept = torch.empty_like(own)
-    kept[st.by_cell] = (local_flow[st.sorted_cell] - before).clamp(min=0).minimum(own_sorted)
-    room = (level - torch.zeros(n, dtype=torch.int64).index_add_(0, st.pool_rank, kept))[st.by_class]
+    if pinned:  # every rank keeps all its own pairs of its experts
+        kept = own
+    else:
+        local_flow = torch.from_numpy(numpy.fromiter(itertools.chain.from_iterable(lf), numpy.int64, cells))
+        own_sorted = own[st.by_cell]
+        before = own_sorted.cumsum(0) - own_sorted
+        before -= before[st.cell_start]
+        kept = torch.empty_like(own)
+        kept[st.by_cell] = (local_flow[st.sorted_cell] - before).clamp(min=0).minimum(own_sorted)
+        rank_own = torch.zeros(n, dtype=torch.int64).index_add_(0, st.pool_rank, kept)
+    room = (level - rank_own)[st.by_class]
     room_before = room.cumsum(0) - room
     room_before -= room_before[st.class_start]
     remote_hi = remote_flow.cumsum(0)  # one number line for all classes, class by class
@@ -599,18 +611,20 @@ def _pool_flows(
     lower: int,
     inc: list[list[tuple[int, int]]],
     order: list[int],
-) -> tuple[int, list[list[int]], list[list[int]]]:
+    local_sums: tuple[list[int], list[int]],
+) -> tuple[int, list[list[int]], list[list[int]], bool]:
     """Exact integer split of each expert's pairs over the rank classes hosting it.
 
     total: [E] pairs per expert; classes: K lists of distinct expert ids, a class being the
     ranks that host exactly these experts; size: [K] ranks per class; local: K lists aligned
     with ``classes``, the pairs of that expert whose source rank is in the class; lower: a
     lower bound on the answer; inc: [E] (class, position) pairs hosting each expert; order:
-    the experts in the order the greedy fill takes them (fewest hosts first). Returns
-    (L, local_flow, remote_flow): L is the smallest largest
-    rank load of any split (a class takes at most size * L), and per class and expert the
-    pairs it computes from its own sources and from other ranks, with the most local pairs
-    among the splits that reach L.
+    the experts in the order the greedy fill takes them (fewest hosts first); local_sums:
+    ``local`` summed per class [K] and per expert [E]. Returns (L, local_flow, remote_flow,
+    pinned): L is the smallest largest rank load of any split (a class takes at most size *
+    L), per class and expert the pairs it computes from its own sources and from other ranks,
+    with the most local pairs among the splits that reach L, and whether that is all of
+    ``local``.
 
     A flow from the experts to the classes with capacities size * L, for a rising L. Every
     local pair placed first, the rest straight to classes with room, then augmenting paths
@@ -624,28 +638,28 @@ def _pool_flows(
     level = lower
     for keep_local in (True, False):
         if keep_local:
-            flows = _flows_at(level, total, classes, size, local)
+            flows = _flows_at(level, total, classes, size, local, local_sums)
         else:  # L* without locality, then the most local split at L*
-            none = [[0] * len(ex) for ex in classes]
-            flows = _flows_at(level, total, classes, size, none)
+            none = [[0] * len(ex) for ex in classes], ([0] * len(classes), [0] * len(total))
+            flows = _flows_at(level, total, classes, size, *none)
             while not _place(inc, classes, flows, order):
                 level = _raise(inc, classes, flows, level, total, size)
-            flows = _flows_at(level, total, classes, size, local)
+            flows = _flows_at(level, total, classes, size, local, local_sums)
         while not _place(inc, classes, flows, order):
             if not flows.pinned or _reach(inc, classes, flows)[2]:
                 break
             level = _raise(inc, classes, flows, level, total, size)
         else:
-            return level, flows.lf, flows.rf
+            return level, flows.lf, flows.rf, flows.pinned
         if not keep_local and _cheapest(inc, classes, flows, local):
-            return level, flows.lf, flows.rf
+            return level, flows.lf, flows.rf, False
     raise AssertionError("no split at the smallest feasible load")  # unreachable: L* is feasible
 
 
 class _Flows:
     """Flow state of ``_pool_flows``: per class and expert position, local and remote pairs."""
 
-    def __init__(self, level, total, classes, size, local):
+    def __init__(self, level, total, classes, size):
         self.cap = [m * level for m in size]
         self.lf = [[0] * len(ex) for ex in classes]
         self.rf = [[0] * len(ex) for ex in classes]
@@ -654,16 +668,17 @@ class _Flows:
         self.pinned = True  # every local pair placed locally
 
 
-def _flows_at(level, total, classes, size, local) -> _Flows:
-    flows = _Flows(level, total, classes, size, local)
-    for c, ex in enumerate(classes):  # local pairs first, as far as the class has room
+def _flows_at(level, total, classes, size, local, local_sums) -> _Flows:
+    """Local pairs placed first, as far as each class has room."""
+    flows = _Flows(level, total, classes, size)
+    class_local, expert_local = local_sums
+    if all(v <= m for v, m in zip(class_local, flows.cap)):  # the common case: all of them
+        flows.lf = [row[:] for row in local]
+        flows.load = list(class_local)
+        flows.left = [t - v for t, v in zip(total, expert_local)]
+        return flows
+    for c, ex in enumerate(classes):
         room, lf, mine = flows.cap[c], flows.lf[c], local[c]
-        if sum(mine) <= room:  # the common case: all of them
-            lf[:] = mine
-            flows.load[c] = sum(mine)
-            for x, take in zip(ex, mine):
-                flows.left[x] -= take
-            continue
         for k, x in enumerate(ex):
             lf[k] = take = min(mine[k], room - flows.load[c])
             flows.load[c] += take
@@ -731,86 +746,110 @@ def _augment_remote(inc, classes, flows) -> None:
     """Blocking flows (Dinic) from the unplaced pairs to classes with room, moving remote pairs
     only: an arc expert -> class adds a remote pair (unbounded), class -> expert moves one of
     the class's remote pairs of that expert to another of its hosts (up to rf). Local pairs
-    stay where they are. Each phase's levels stop at the first level with room, and the
-    paths only end there: the shortest augmenting paths, as Dinic needs."""
+    stay where they are. Each phase's levels stop at the first level with room and paths end
+    there (the shortest augmenting paths, as Dinic needs); a backward pass then keeps only the
+    nodes that lead to room, so the walks meet a dead end only where an arc saturated."""
     cap, load, left, rf = flows.cap, flows.load, flows.left, flows.rf
     while True:
         roots = [x for x, v in enumerate(left) if v]
         level_x, level_c = [-1] * len(left), [-1] * len(cap)
         for x in roots:
             level_x[x] = 0
-        frontier, target = roots, -1
-        while frontier and target < 0:
-            depth = level_x[frontier[0]] + 1
-            full = []
+        x_levels, c_levels = [roots], []
+        frontier, found = roots, False
+        while frontier:
+            depth = 2 * len(c_levels) + 1
+            reached = []
             for x in frontier:
                 for c, _ in inc[x]:
                     if level_c[c] < 0:
                         level_c[c] = depth
+                        reached.append(c)
                         if load[c] < cap[c]:
-                            target = depth
-                        else:
-                            full.append(c)
-            if target >= 0:
+                            found = True
+            c_levels.append(reached)
+            if found:
                 break
             frontier = []
-            for c in full:
+            for c in reached:
                 for x2, v in zip(classes[c], rf[c]):
                     if v and level_x[x2] < 0:
                         level_x[x2] = depth + 1
                         frontier.append(x2)
-        if target < 0:
+            x_levels.append(frontier)
+        if not found:
             return
-        next_x, next_c = [0] * len(left), [0] * len(cap)  # the first arc not yet known dead
+        target = 2 * len(c_levels) - 1
+        # Keep only what leads to a class with room: walks below never meet a dead end
+        # unless an arc saturates on the way.
+        useful_c = [False] * len(cap)
+        useful_x = [False] * len(left)
+        for c in c_levels[-1]:
+            useful_c[c] = load[c] < cap[c]
+        for i in range(len(c_levels) - 1, -1, -1):
+            depth = 2 * i + 1
+            for x in x_levels[i]:
+                for c, _ in inc[x]:
+                    if useful_c[c] and level_c[c] == depth:
+                        useful_x[x] = True
+                        break
+            if i:
+                for c in c_levels[i - 1]:
+                    for x2, v in zip(classes[c], rf[c]):
+                        if v and useful_x[x2] and level_x[x2] == depth - 1:
+                            useful_c[c] = True
+                            break
+        next_x, next_c = [0] * len(left), [0] * len(cap)  # the first arc not yet known useless
         for root in roots:
-            path = [root]  # expert, class, expert, ..., each step one arc
-            arcs = []  # (class, position of the expert in it)
-            while left[root]:
+            path, arcs = [root], []  # expert, class, expert, ...; arcs: (class, position)
+            while left[root] and useful_x[root]:
                 u = path[-1]
-                step = None
-                if len(path) % 2:  # at an expert: on to a class one level deeper
+                if len(path) % 2:  # at an expert: on to a useful class one level deeper
                     hosts, i, depth = inc[u], next_x[u], level_x[u] + 1
-                    last = depth == target
-                    for step in itertools.islice(hosts, i, None):
-                        c = step[0]
-                        if level_c[c] == depth and (not last or load[c] < cap[c]):
-                            path.append(c)
+                    step = None
+                    for cell in itertools.islice(hosts, i, None):
+                        c = cell[0]
+                        if useful_c[c] and level_c[c] == depth:
+                            step = cell
                             break
                         i += 1
-                    else:
-                        step = None
                     next_x[u] = i
-                else:  # at a class: move one of its remote pairs of a deeper expert away
+                    if step is None:
+                        useful_x[u] = False
+                        if len(path) > 1:
+                            path.pop()
+                            arcs.pop()
+                        continue
+                    path.append(step[0])
+                    arcs.append(step)
+                    if depth == target:
+                        end = step[0]
+                        d = min(left[root], cap[end] - load[end])
+                        for c, k in arcs[1::2]:
+                            d = min(d, rf[c][k])
+                        for j, (c, k) in enumerate(arcs):
+                            rf[c][k] += -d if j % 2 else d
+                        left[root] -= d
+                        load[end] += d
+                        if load[end] >= cap[end]:
+                            useful_c[end] = False
+                        path, arcs = [root], []
+                else:  # at a class: move one of its remote pairs of a useful deeper expert
                     ex, row, i, depth = classes[u], rf[u], next_c[u], level_c[u] + 1
+                    step = None
                     for x in itertools.islice(ex, i, None):
-                        if row[i] and level_x[x] == depth:
+                        if row[i] and useful_x[x] and level_x[x] == depth:
                             step = (u, i)
-                            path.append(x)
                             break
                         i += 1
                     next_c[u] = i
-                if step is None:  # dead end: back off, and the parent skips this arc
-                    if len(path) == 1:
-                        break
-                    path.pop()
-                    arcs.pop()
-                    parent = path[-1]
-                    if len(path) % 2:
-                        next_x[parent] += 1
-                    else:
-                        next_c[parent] += 1
-                    continue
-                arcs.append(step)
-                if len(path) % 2 == 0 and level_c[path[-1]] == target:  # a class with room
-                    end = path[-1]
-                    d = min(left[root], cap[end] - load[end])
-                    for c, k in arcs[1::2]:
-                        d = min(d, rf[c][k])
-                    for i, (c, k) in enumerate(arcs):
-                        rf[c][k] += -d if i % 2 else d
-                    left[root] -= d
-                    load[end] += d
-                    path, arcs = [root], []
+                    if step is None:
+                        useful_c[u] = False
+                        path.pop()
+                        arcs.pop()
+                        continue
+                    path.append(ex[i])
+                    arcs.append(step)
 
 
 def _augment(inc, classes, flows, local, dist) -> bool:
