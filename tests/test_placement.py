@@ -553,6 +553,20 @@ def test_rank_split_is_optimal_against_min_cost_flow() -> None:
         assert got == _min_cost_split(tokens.tolist(), placement.tolist()), (tokens.tolist(), placement.tolist())
 
 
+@pytest.mark.parametrize(
+    ("tokens", "placement"),
+    [  # cases where a cheapest path adds a local pair up to its source's count, and no further
+        ([[11, 50, 18], [0, 0, 8]], [[2, 1, 1], [1, 0, 0]]),
+        ([[3, 42, 22, 0], [0, 64, 5, 0], [16, 0, 0, 1], [0, 21, 20, 4]], [[3, 3, 1], [1, 2, 1], [1, 2, 0], [3, 1, 1]]),
+        ([[0, 14, 3], [29, 6, 0], [23, 0, 0]], [[2, 0, 0], [2, 1, 0], [0, 2, 2]]),
+    ],
+)
+def test_rank_split_locality_conflicts(tokens: list[list[int]], placement: list[list[int]]) -> None:
+    plan = split_plan(torch.tensor(tokens), torch.tensor(placement))
+    _check_plan(plan, torch.tensor(tokens), torch.tensor(placement), "rank")
+    assert _rank_load_and_local(plan, torch.tensor(placement)) == _min_cost_split(tokens, placement)
+
+
 def test_rank_split_is_optimal_on_planned_placements() -> None:
     """What runs in training: placements from load_counts + place on one micro-batch's
     popularity, split on the next one's pairs (the greedy fill leaves pairs to the augmenting
