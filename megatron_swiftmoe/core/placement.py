@@ -530,8 +530,9 @@ def _classes_of(n: int, s: int, e: int, placement: bytes, alone: bytes | None = 
     )
 
 
-def _rank_quota(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
-    """The rank split: per flat slot, the pairs it computes. tokens: [N, E]; placement: [N, S].
+def _rank_quota(tokens: torch.Tensor, placement: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """The rank split: per flat slot, the pairs it computes. tokens: [N, E]; placement: [N, S];
+    total: [E], tokens summed over ranks.
 
     The slots of expert e on rank r are one pool: its first slot computes all of the pool's
     pairs x[e, r], the others none. x minimises the largest rank total max_r sum_e x[e, r],
@@ -543,7 +544,6 @@ def _rank_quota(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
     """
     n, s = placement.shape
     e = tokens.shape[1]
-    total = tokens.sum(0)
     grand = int(total.sum())
     quota = torch.zeros(n * s, dtype=torch.int64)
     if grand == 0:
@@ -632,27 +632,32 @@ def _pool_flows(
     If no class with room is reachable from the unplaced pairs, the experts K and classes R
     reachable form a closed set (K's pairs can only land in R), so L* >= ceil(T(K) / |R|) > L:
     L rises to that and the flow is kept. If a class with room is reachable only by moving
-    local pairs, locality and balance conflict: L* is then found without locality (same
-    scheme, no local pairs) and the most local split at L* by a min-cost flow (``_cheapest``).
+    local pairs, locality and balance conflict: L* is then found without locality (the same
+    flow, continued with every pair movable) and the most local split at L* by a min-cost flow
+    (``_cheapest``).
     """
     level = lower
-    for keep_local in (True, False):
-        if keep_local:
-            flows = _flows_at(level, total, classes, size, local, local_sums)
-        else:  # L* without locality, then the most local split at L*
-            none = [[0] * len(ex) for ex in classes], ([0] * len(classes), [0] * len(total))
-            flows = _flows_at(level, total, classes, size, *none)
-            while not _place(inc, classes, flows, order):
-                level = _raise(inc, classes, flows, level, total, size)
-            flows = _flows_at(level, total, classes, size, local, local_sums)
-        while not _place(inc, classes, flows, order):
-            if not flows.pinned or _reach(inc, classes, flows)[2]:
-                break
-            level = _raise(inc, classes, flows, level, total, size)
-        else:
+    flows = _flows_at(level, total, classes, size, local, local_sums)
+    while not _place(inc, classes, flows, order):
+        if not flows.pinned or _reach(inc, classes, flows)[2]:
+            break
+        level = _raise(inc, classes, flows, level, total, size)
+    else:
+        return level, flows.lf, flows.rf, flows.pinned
+    # Local pairs count as remote in the copy, so every pair may move. The local flow keeps
+    # the most local pairs its capacities allow, so it is the cheapest flow of its size: where
+    # L* is its level, the min-cost phases start from it.
+    plain = _Flows(flows.cap, [[0] * len(row) for row in flows.lf], list(flows.load), list(flows.left))
+    plain.rf = [[a + b for a, b in zip(lf, rf)] for lf, rf in zip(flows.lf, flows.rf)]
+    start = level
+    while not _place(inc, classes, plain, order):
+        level = _raise(inc, classes, plain, level, total, size)
+    if level != start:
+        flows = _flows_at(level, total, classes, size, local, local_sums)
+        if _place(inc, classes, flows, order):
             return level, flows.lf, flows.rf, flows.pinned
-        if not keep_local and _cheapest(inc, classes, flows, local):
-            return level, flows.lf, flows.rf, False
+    if _cheapest(inc, classes, flows, local):
+        return level, flows.lf, flows.rf, False
     raise AssertionError("no split at the smallest feasible load")  # unreachable: L* is feasible
 
 
@@ -1038,7 +1043,7 @@ def _split_state(tokens: torch.Tensor, placement: torch.Tensor, rule: str) -> _S
     if rule == "replica":
         quota = _replica_quota(total, slot_expert, counts)
     else:
-        quota = _rank_quota(tokens, placement)
+        quota = _rank_quota(tokens, placement, total)
 
     # A rank feeds its own replicas first, earlier local slots of the same expert first,
     # so tokens for a locally hosted expert only cross the network on overflow.
