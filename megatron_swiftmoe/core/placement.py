@@ -713,7 +713,7 @@ def _place(inc, classes, flows, order) -> bool:
                 break
         left[x] = want
     if any(left):
-        _augment_remote(inc, classes, flows)
+        _augment(inc, classes, flows)
     return not any(left)
 
 
@@ -747,127 +747,23 @@ def _reach(inc, classes, flows) -> tuple[list[int], list[int], bool]:
     return [x for x in range(len(left)) if seen_x[x]], [c for c in range(len(seen_c)) if seen_c[c]], room
 
 
-def _augment_remote(inc, classes, flows) -> None:
-    """Blocking flows (Dinic) from the unplaced pairs to classes with room, moving remote pairs
-    only: an arc expert -> class adds a remote pair (unbounded), class -> expert moves one of
-    the class's remote pairs of that expert to another of its hosts (up to rf). Local pairs
-    stay where they are. Each phase's levels stop at the first level with room and paths end
-    there (the shortest augmenting paths, as Dinic needs); a backward pass then keeps only the
-    nodes that lead to room, so the walks meet a dead end only where an arc saturated."""
-    cap, load, left, rf = flows.cap, flows.load, flows.left, flows.rf
-    while True:
-        roots = [x for x, v in enumerate(left) if v]
-        level_x, level_c = [-1] * len(left), [-1] * len(cap)
-        for x in roots:
-            level_x[x] = 0
-        x_levels, c_levels = [roots], []
-        frontier, found = roots, False
-        while frontier:
-            depth = 2 * len(c_levels) + 1
-            reached = []
-            for x in frontier:
-                for c, _ in inc[x]:
-                    if level_c[c] < 0:
-                        level_c[c] = depth
-                        reached.append(c)
-                        if load[c] < cap[c]:
-                            found = True
-            c_levels.append(reached)
-            if found:
-                break
-            frontier = []
-            for c in reached:
-                for x2, v in zip(classes[c], rf[c]):
-                    if v and level_x[x2] < 0:
-                        level_x[x2] = depth + 1
-                        frontier.append(x2)
-            x_levels.append(frontier)
-        if not found:
-            return
-        target = 2 * len(c_levels) - 1
-        # Keep only what leads to a class with room: walks below never meet a dead end
-        # unless an arc saturates on the way.
-        useful_c = [False] * len(cap)
-        useful_x = [False] * len(left)
-        for c in c_levels[-1]:
-            useful_c[c] = load[c] < cap[c]
-        for i in range(len(c_levels) - 1, -1, -1):
-            depth = 2 * i + 1
-            for x in x_levels[i]:
-                for c, _ in inc[x]:
-                    if useful_c[c] and level_c[c] == depth:
-                        useful_x[x] = True
-                        break
-            if i:
-                for c in c_levels[i - 1]:
-                    for x2, v in zip(classes[c], rf[c]):
-                        if v and useful_x[x2] and level_x[x2] == depth - 1:
-                            useful_c[c] = True
-                            break
-        next_x, next_c = [0] * len(left), [0] * len(cap)  # the first arc not yet known useless
-        for root in roots:
-            path, arcs = [root], []  # expert, class, expert, ...; arcs: (class, position)
-            while left[root] and useful_x[root]:
-                u = path[-1]
-                if len(path) % 2:  # at an expert: on to a useful class one level deeper
-                    hosts, i, depth = inc[u], next_x[u], level_x[u] + 1
-                    step = None
-                    for cell in itertools.islice(hosts, i, None):
-                        c = cell[0]
-                        if useful_c[c] and level_c[c] == depth:
-                            step = cell
-                            break
-                        i += 1
-                    next_x[u] = i
-                    if step is None:
-                        useful_x[u] = False
-                        if len(path) > 1:
-                            path.pop()
-                            arcs.pop()
-                        continue
-                    path.append(step[0])
-                    arcs.append(step)
-                    if depth == target:
-                        end = step[0]
-                        d = min(left[root], cap[end] - load[end])
-                        for c, k in arcs[1::2]:
-                            d = min(d, rf[c][k])
-                        for j, (c, k) in enumerate(arcs):
-                            rf[c][k] += -d if j % 2 else d
-                        left[root] -= d
-                        load[end] += d
-                        if load[end] >= cap[end]:
-                            useful_c[end] = False
-                        path, arcs = [root], []
-                else:  # at a class: move one of its remote pairs of a useful deeper expert
-                    ex, row, i, depth = classes[u], rf[u], next_c[u], level_c[u] + 1
-                    step = None
-                    for x in itertools.islice(ex, i, None):
-                        if row[i] and useful_x[x] and level_x[x] == depth:
-                            step = (u, i)
-                            break
-                        i += 1
-                    next_c[u] = i
-                    if step is None:
-                        useful_c[u] = False
-                        path.pop()
-                        arcs.pop()
-                        continue
-                    path.append(ex[i])
-                    arcs.append(step)
+def _augment(inc, classes, flows, local=None, dist=None) -> bool:
+    """Blocking flows (Dinic) from the unplaced pairs to classes with room; True if any moved.
 
+    Without ``dist`` only remote pairs move: an arc expert -> class adds a remote pair
+    (unbounded), class -> expert moves one of the class's remote pairs of that expert to
+    another of its hosts (up to rf); local pairs stay where they are. With ``dist = (d_expert,
+    d_class, target)`` from ``_cheapest``: only arcs of reduced cost 0 (a new local pair costs
+    0, a new remote one 1, moving a local pair 0, moving a remote one -1), from unplaced pairs
+    at distance 0 to classes with room at distance ``target``.
 
-def _augment(inc, classes, flows, local, dist) -> bool:
-    """Blocking flows along cheapest paths, for ``_cheapest``; True if any pair moved.
-
-    ``dist = (d_expert, d_class, target)``: only arcs of reduced cost 0 (a new local pair
-    costs 0, a new remote one 1, moving a local pair 0, moving a remote one -1), from unplaced
-    pairs at distance 0 to classes with room at distance ``target``. The scheme of
-    ``_augment_remote`` with arcs of two kinds; that one stays separate because the checks of
-    the kinds make the common case's augmenting about 1.4x slower.
+    Each phase's levels stop at the first level with room and paths end there (the shortest
+    augmenting paths, as Dinic needs); a backward pass then keeps only the nodes that lead to
+    room, so the walks meet a dead end only where an arc saturated on the way.
     """
     cap, load, left, lf, rf = flows.cap, flows.load, flows.left, flows.lf, flows.rf
-    d_x, d_c, cheapest = dist
+    remote = dist is None  # then the checks below are inline: the common case, and the hot loop
+    d_x, d_c, cheapest = (None, None, None) if remote else dist
 
     def forward(x, c, k):  # kind of the arc x -> c: 0 a local pair, 1 a remote one, None unusable
         kind = 0 if lf[c][k] < local[c][k] else 1
@@ -878,12 +774,9 @@ def _augment(inc, classes, flows, local, dist) -> bool:
             return 1
         return 0 if lf[c][k] and d_x[x] == d_c[c] else None
 
-    def sink(c):
-        return load[c] < cap[c] and d_c[c] == cheapest
-
     moved = False
     while True:
-        roots = [x for x, v in enumerate(left) if v and d_x[x] == 0]
+        roots = [x for x, v in enumerate(left) if v and (remote or d_x[x] == 0)]
         level_x, level_c = [-1] * len(left), [-1] * len(cap)
         for x in roots:
             level_x[x] = 0
@@ -894,34 +787,41 @@ def _augment(inc, classes, flows, local, dist) -> bool:
             reached = []
             for x in frontier:
                 for c, k in inc[x]:
-                    if level_c[c] < 0 and forward(x, c, k) is not None:
+                    if level_c[c] < 0 and (remote or forward(x, c, k) is not None):
                         level_c[c] = depth
                         reached.append(c)
-                        found = found or sink(c)
+                        if load[c] < cap[c] and (remote or d_c[c] == cheapest):
+                            found = True
             c_levels.append(reached)
             if found:
                 break
             frontier = []
             for c in reached:
-                for k2, x2 in enumerate(classes[c]):
-                    if level_x[x2] < 0 and backward(c, k2, x2) is not None:
+                for k2, (x2, v) in enumerate(zip(classes[c], rf[c])):
+                    if level_x[x2] < 0 and (v if remote else backward(c, k2, x2) is not None):
                         level_x[x2] = depth + 1
                         frontier.append(x2)
             x_levels.append(frontier)
         if not found:
             return moved
         target = 2 * len(c_levels) - 1
+        # Keep only what leads to a class with room.
         useful_c, useful_x = [False] * len(cap), [False] * len(left)
         for c in c_levels[-1]:
-            useful_c[c] = sink(c)
+            useful_c[c] = load[c] < cap[c] and (remote or d_c[c] == cheapest)
         for i in range(len(c_levels) - 1, -1, -1):
             depth = 2 * i + 1
             for x in x_levels[i]:
-                useful_x[x] = any(useful_c[c] and level_c[c] == depth and forward(x, c, k) is not None for c, k in inc[x])
+                for c, k in inc[x]:
+                    if useful_c[c] and level_c[c] == depth and (remote or forward(x, c, k) is not None):
+                        useful_x[x] = True
+                        break
             if i:
                 for c in c_levels[i - 1]:
-                    useful_c[c] = any(useful_x[x2] and level_x[x2] == depth - 1 and backward(c, k2, x2) is not None
-                                      for k2, x2 in enumerate(classes[c]))
+                    for k2, (x2, v) in enumerate(zip(classes[c], rf[c])):
+                        if useful_x[x2] and level_x[x2] == depth - 1 and (v if remote else backward(c, k2, x2) is not None):
+                            useful_c[c] = True
+                            break
         next_x, next_c = [0] * len(left), [0] * len(cap)  # the first arc not yet known useless
         for root in roots:
             path, arcs = [root], []  # expert, class, expert, ...; arcs: (class, position, kind)
@@ -929,10 +829,9 @@ def _augment(inc, classes, flows, local, dist) -> bool:
                 u = path[-1]
                 step = None
                 if len(path) % 2:  # at an expert: on to a useful class one level deeper
-                    hosts, i, depth = inc[u], next_x[u], level_x[u] + 1
-                    while i < len(hosts):
-                        c, k = hosts[i]
-                        if useful_c[c] and level_c[c] == depth and (kind := forward(u, c, k)) is not None:
+                    i, depth = next_x[u], level_x[u] + 1
+                    for c, k in itertools.islice(inc[u], i, None):
+                        if useful_c[c] and level_c[c] == depth and (kind := 1 if remote else forward(u, c, k)) is not None:
                             step = (c, k, kind)
                             break
                         i += 1
@@ -940,10 +839,9 @@ def _augment(inc, classes, flows, local, dist) -> bool:
                     if step is None:
                         useful_x[u] = False
                 else:  # at a class: move one of its pairs of a useful deeper expert away
-                    ex, i, depth = classes[u], next_c[u], level_c[u] + 1
-                    while i < len(ex):
-                        x = ex[i]
-                        if useful_x[x] and level_x[x] == depth and (kind := backward(u, i, x)) is not None:
+                    row, i, depth = rf[u], next_c[u], level_c[u] + 1
+                    for x in itertools.islice(classes[u], i, None):
+                        if useful_x[x] and level_x[x] == depth and (kind := (1 if row[i] else None) if remote else backward(u, i, x)) is not None:
                             step = (u, i, kind)
                             break
                         i += 1
@@ -972,7 +870,7 @@ def _augment(inc, classes, flows, local, dist) -> bool:
                     moved = True
                     if load[end] >= cap[end]:
                         useful_c[end] = False
-                    path, arcs = [root], []
+                    path, arcs = [root], []  # expert, class, expert, ...; arcs: (class, position, kind)
 
 
 def _cheapest(inc, classes, flows, local) -> bool:
