@@ -433,8 +433,8 @@ class _Classes(NamedTuple):
     a class's flows over its ranks."""
 
     first: torch.Tensor  # [P] first flat slot of each pool, pools sorted by (rank, expert)
+    pool: torch.Tensor  # [P] rank * E + expert of each pool: its entry of the flat [N, E] tokens
     pool_rank: torch.Tensor  # [P]
-    pool_expert: torch.Tensor  # [P]
     pool_cell: torch.Tensor  # [P] cell of each pool; cells sorted: class by class, experts ascending
     size: list[int]  # [K] ranks per class
     experts: list[list[int]]  # [K] experts of each class (its cells, in order)
@@ -489,7 +489,7 @@ def _classes(placement: torch.Tensor, e: int, alone: torch.Tensor | None = None)
     sizes = size.tolist()
     bounds = torch.searchsorted(cells, torch.arange(size.numel() + 1) * e)
     return _Classes(
-        first, pool_rank, pool_expert, pool_cell, sizes, experts, inc, by_cell,
+        first, pool, pool_rank, pool_cell, sizes, experts, inc, by_cell,
         torch.searchsorted(pool_cell[by_cell], pool_cell[by_cell]), pool_cell[by_cell], by_class,
         torch.searchsorted(class_of[by_class], class_of[by_class]), class_of[by_class],
         bounds, bounds.tolist(), cells // e, cells % e, *_components(experts, sizes, e), sorted(range(e), key=lambda x: (len(inc[x]), x)),
@@ -550,7 +550,7 @@ def _rank_quota(tokens: torch.Tensor, placement: torch.Tensor, total: torch.Tens
         return quota
     key = placement.contiguous().numpy().tobytes()
     st = _classes_of(n, s, e, key)
-    own = tokens[st.pool_rank, st.pool_expert]  # [P] pairs of the pool's expert from its own rank
+    own = tokens.reshape(-1)[st.pool]  # [P] pairs of the pool's expert from its own rank
     lower = -(-grand // n)
     rank_own = torch.zeros(n, dtype=torch.int64).index_add_(0, st.pool_rank, own)
     alone = rank_own > lower
