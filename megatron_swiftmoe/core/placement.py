@@ -492,7 +492,8 @@ def _classes(placement: torch.Tensor, e: int, alone: torch.Tensor | None = None)
         first, pool, pool_rank, pool_cell, sizes, experts, inc, by_cell,
         torch.searchsorted(pool_cell[by_cell], pool_cell[by_cell]), pool_cell[by_cell], by_class,
         torch.searchsorted(class_of[by_class], class_of[by_class]), class_of[by_class],
-        bounds, bounds.tolist(), cells // e, cells % e, *_components(experts, sizes, e), sorted(range(e), key=lambda x: (len(inc[x]), x)),
+        bounds, bounds.tolist(), cells // e, cells % e, *_components(experts, sizes, e),
+        sorted(range(e), key=lambda x: (len(inc[x]), x)),
     )
 
 
@@ -819,9 +820,10 @@ def _augment(inc, classes, flows, local=None, dist=None) -> bool:
             if i:
                 for c in c_levels[i - 1]:
                     for k2, (x2, v) in enumerate(zip(classes[c], rf[c])):
-                        if useful_x[x2] and level_x[x2] == depth - 1 and (v if remote else backward(c, k2, x2) is not None):
-                            useful_c[c] = True
-                            break
+                        if useful_x[x2] and level_x[x2] == depth - 1:
+                            if v if remote else backward(c, k2, x2) is not None:
+                                useful_c[c] = True
+                                break
         next_x, next_c = [0] * len(left), [0] * len(cap)  # the first arc not yet known useless
         for root in roots:
             path, arcs = [root], []  # expert, class, expert, ...; arcs: (class, position, kind)
@@ -831,9 +833,11 @@ def _augment(inc, classes, flows, local=None, dist=None) -> bool:
                 if len(path) % 2:  # at an expert: on to a useful class one level deeper
                     i, depth = next_x[u], level_x[u] + 1
                     for c, k in itertools.islice(inc[u], i, None):
-                        if useful_c[c] and level_c[c] == depth and (kind := 1 if remote else forward(u, c, k)) is not None:
-                            step = (c, k, kind)
-                            break
+                        if useful_c[c] and level_c[c] == depth:
+                            kind = 1 if remote else forward(u, c, k)
+                            if kind is not None:
+                                step = (c, k, kind)
+                                break
                         i += 1
                     next_x[u] = i
                     if step is None:
@@ -841,9 +845,11 @@ def _augment(inc, classes, flows, local=None, dist=None) -> bool:
                 else:  # at a class: move one of its pairs of a useful deeper expert away
                     row, i, depth = rf[u], next_c[u], level_c[u] + 1
                     for x in itertools.islice(classes[u], i, None):
-                        if useful_x[x] and level_x[x] == depth and (kind := (1 if row[i] else None) if remote else backward(u, i, x)) is not None:
-                            step = (u, i, kind)
-                            break
+                        if useful_x[x] and level_x[x] == depth:
+                            kind = (1 if row[i] else None) if remote else backward(u, i, x)
+                            if kind is not None:
+                                step = (u, i, kind)
+                                break
                         i += 1
                     next_c[u] = i
                     if step is None:
