@@ -124,7 +124,9 @@ class Run:
 
     @property
     def load_lines(self) -> list[str]:
-        return re.findall(r"^ moe layer .*$", self.output, re.M)
+        # Not anchored at line starts: the ranks share one stdout, so another rank's output can
+        # end up on the same line as a load line (once in CI, 23 of 24 started a line).
+        return re.findall(r" moe layer +\d+ \| max/mean rank load[^\n]*", self.output)
 
 
 def launch(tree: Path, nproc: int, *flags: str, timeout: int = TIMEOUT_S) -> Run:
