@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from megatron_swiftmoe.training import arguments as A
 from megatron_swiftmoe.core.config import SwiftMoEConfig
 
+pytestmark = pytest.mark.one_version  # not version-dependent: CI's first environment only
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 # A small valid MoE command line (SwiftMoE on 2 ranks).

@@ -22,6 +22,8 @@ from megatron_swiftmoe.training.checkpointing import (
 )
 from tests.distributed import run_distributed
 
+pytestmark = pytest.mark.one_version  # not version-dependent: CI's first environment only
+
 
 def _args(**overrides) -> argparse.Namespace:
     settings = {name: 1 for name in MUST_MATCH}

@@ -22,6 +22,8 @@ import pytest
 
 from tests.test_checkpointing import damage
 
+pytestmark = pytest.mark.one_version  # not version-dependent: CI's first environment only
+
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # a run still going after this is a hang: killed, and the test fails
 BOUND_S = 120  # every failure below must end the job within this (they take seconds)

@@ -49,6 +49,7 @@ def assert_losses_close(got: dict[int, float], want: dict[int, float], rtol: flo
 # ---------------------------------------------------------------- the patch
 
 
+@pytest.mark.one_version
 @pytest.mark.parametrize("tree_name", TREES)
 def test_patch_applies_once_reverts_and_refuses_unknown_checkouts(tmp_path, tree_name):
     if missing := missing_reason(tree_name):
@@ -120,6 +121,7 @@ def test_trains_on_mock_data_with_load_lines(tree):
     assert "max/mean rank load" in run.load_lines[0] and "static EP" in run.load_lines[0]
 
 
+@pytest.mark.one_version
 def test_trains_on_an_indexed_dataset_on_three_ranks(tree, tmp_path):
     from megatron_swiftmoe.training.data import prepare_default_data
 
@@ -173,6 +175,7 @@ def test_swiftmoe_equals_static_with_dropout(tree, initial_checkpoint):
     assert_losses_close(swift, static)
 
 
+@pytest.mark.one_version
 def test_swiftmoe_equals_static_on_three_ranks(tree, initial_checkpoint):
     """Without an aux loss too (Megatron's MoE metric tracker then starts empty, on the CPU)."""
     start = ["--load", str(initial_checkpoint), "--finetune", "--ckpt-format", "torch_dist"]
@@ -200,7 +203,7 @@ def test_pipeline_parallel_swiftmoe_equals_static(tree, initial_checkpoint):
 
 
 @pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
-@pytest.mark.parametrize("pipeline", [1, 2], ids=["dp2", "pp2xdp2"])
+@pytest.mark.parametrize("pipeline", [pytest.param(1, id="dp2"), pytest.param(2, id="pp2xdp2", marks=pytest.mark.one_version)])
 def test_resume_equals_uninterrupted_run(tree, tmp_path, ckpt_format, pipeline):
     flags = [*tiny_moe(num_experts=6), *SWIFTMOE, "--use-distributed-optimizer", "--bf16", "--ckpt-format", ckpt_format,
              "--pipeline-model-parallel-size", str(pipeline)]
@@ -238,6 +241,7 @@ def test_torch_dist_checkpoint_reshards_to_other_ranks_and_slots(tree, tmp_path)
         assert math.isclose(loss, first_resumed[2, 3], rel_tol=RTOL), first_resumed
 
 
+@pytest.mark.one_version
 def test_static_checkpoint_starts_swiftmoe_and_back(tree, tmp_path):
     flags = [*tiny_moe(num_experts=6), "--ckpt-format", "torch_dist", "--save-interval", "3", "--exit-interval", "3"]
     resume = ["--no-load-optim", "--exit-interval", "4"]
@@ -251,6 +255,7 @@ def test_static_checkpoint_starts_swiftmoe_and_back(tree, tmp_path):
         assert math.isclose(as_swift.losses[4], as_static.losses[4], rel_tol=RTOL), source
 
 
+@pytest.mark.one_version
 def test_damaged_torch_format_state_stops_every_rank_naming_the_file(tree, tmp_path):
     flags = [*tiny_moe(num_experts=6), *SWIFTMOE, "--ckpt-format", "torch"]
     assert_ok(launch(tree, 2, *flags, "--save", str(tmp_path / "ckpt"), "--save-interval", "3", "--exit-interval", "3"))

@@ -25,6 +25,8 @@ from megatron_swiftmoe.core.placement import (
     split_plan,
 )
 
+pytestmark = pytest.mark.one_version  # not version-dependent: CI's first environment only
+
 FAST = settings(deadline=None, max_examples=200)
 
 

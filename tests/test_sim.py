@@ -15,6 +15,8 @@ from megatron_swiftmoe.sim import (
 )
 from megatron_swiftmoe.sim.__main__ import main
 
+pytestmark = pytest.mark.one_version  # not version-dependent: CI's first environment only
+
 #: The first 6 records of a real run (configs/tiny_cpu.yaml on 2 CPU ranks, SwiftMoE; trimmed
 #: to the keys the simulator reads). Iterations 5-6 have same-rank duplicate replicas.
 REAL_RECORDS = """\

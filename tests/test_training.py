@@ -80,6 +80,7 @@ def test_two_rank_training_loss_falls(dataset, tmp_path):
 EXPERT_BIAS = ["--moe-router-score-function", "sigmoid", "--moe-router-enable-expert-bias", "--moe-aux-loss-coeff", "0"]
 
 
+@pytest.mark.one_version
 @pytest.mark.parametrize("ranks,num_experts,router", [(2, 4, []), (3, 6, []), (2, 4, EXPERT_BIAS)],
                          ids=["2-ranks", "3-ranks", "2-ranks-expert-bias"])
 def test_swiftmoe_and_static_baseline_train_identically(dataset, tmp_path, ranks, num_experts, router):
@@ -101,6 +102,7 @@ def test_swiftmoe_and_static_baseline_train_identically(dataset, tmp_path, ranks
     assert all(r["layers"][0]["realised_max_mean"] == r["layers"][0]["static_max_mean"] for r in static)
 
 
+@pytest.mark.one_version
 def test_resume_continues_exactly(dataset, tmp_path):
     # With dropout: the checkpoint's RNG states (stored as tensors and plain lists) must continue the masks.
     flags = [*dataset, *model_flags(4, 3), "--swiftmoe", "--global-batch-size", "8", "--train-iters", "10",
@@ -117,6 +119,7 @@ def test_resume_continues_exactly(dataset, tmp_path):
     assert (Path(checkpoint) / "latest_checkpointed_iteration.txt").read_text() == "10"
 
 
+@pytest.mark.one_version
 def test_capacity_factor_swiftmoe_with_one_slot_per_expert_equals_deepspeed_like(dataset, tmp_path):
     """With N*S == E every expert has one replica, so SwiftMoE's replica-proportional capacity is
     exactly the static per-expert capacity: same drops, same training."""
@@ -133,6 +136,7 @@ def test_capacity_factor_swiftmoe_with_one_slot_per_expert_equals_deepspeed_like
         )
 
 
+@pytest.mark.one_version
 def test_flexmoe_like_baseline_runs_and_counts_migrations(dataset, tmp_path):
     records = pretrain(
         tmp_path, "flex", 2, *dataset, *model_flags(4, 3), "--swiftmoe", "--swiftmoe-replan-interval", "4",
