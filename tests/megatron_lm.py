@@ -142,7 +142,10 @@ def launch(tree: Path, nproc: int, *flags: str, timeout: int = TIMEOUT_S) -> Run
 def environment(tree: Path) -> dict[str, str]:
     """The checkout first on the path (as when its scripts run), then this project."""
     path = os.pathsep.join([str(tree), str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # CUDA_DEVICE_MAX_CONNECTIONS=1: Megatron requires it with tensor or context parallelism on
+    # GPUs before Blackwell (the CPU counts as one), and its launch scripts set it.
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+            "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 
 
 def assert_ok(run: Run, what: str = "run") -> Run:

@@ -322,7 +322,9 @@ def test_required_flags(capsys):
         (["--pipeline-model-parallel-size", "0"], 2, "--pipeline-model-parallel-size must be >= 1, got 0"),
         (["--pipeline-model-parallel-size", "2", "--num-layers", "3", "--moe-layer-freq", "1"], 4,
          "--num-layers (3) must be divisible by --pipeline-model-parallel-size (2)"),
-        (["--tensor-model-parallel-size", "2"], 2, "--tensor-model-parallel-size 2 is not supported"),
+        (["--tensor-model-parallel-size", "2"], 2,
+         "--tensor-model-parallel-size 2 is not supported: this program does not implement it; Megatron-LM's own "
+         "pretrain_gpt.py runs it with --swiftmoe"),
         (["--pipeline-model-parallel-size", "2", "--swiftmoe-slots-per-rank", "1"], 4,
          "--swiftmoe-slots-per-rank (1) * data-parallel size (2 = world size 4 / --pipeline-model-parallel-size 2) "
          "= 2 slots is fewer than --num-experts (4)"),
@@ -554,3 +556,11 @@ def test_command_line_turns_off_booleans_from_yaml(tmp_path):
 def test_unknown_flag_suggestion(capsys):
     err = parse_error(capsys, [*BASE, "--num-layer", "3"])
     assert "unrecognized arguments: --num-layer 3" in err and "--num-layer -> --num-layers" in err
+
+
+@pytest.mark.parametrize("flags", [["--context-parallel-size", "2"], ["--mtp-num-layers", "1"],
+                                   ["--recompute-granularity", "full", "--moe-shared-expert-overlap"]])
+def test_megatron_lm_features_point_to_the_megatron_lm_path(capsys, flags):
+    err = parse_error(capsys, [*BASE, *flags])
+    named = [flag for flag in flags if flag.startswith("--")]
+    assert f"{', '.join(named)}: this program does not implement it; Megatron-LM's own pretrain_gpt.py runs it" in err, err

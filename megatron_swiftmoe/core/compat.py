@@ -15,6 +15,23 @@ megatron-core assumes a GPU in a few places that the MoE GPT path touches:
   stage; while that method runs, ``Tensor.cuda()`` returns the tensor itself.
 * router gating calls ``te_general_gemm`` when Transformer Engine is absent, a name 0.16.1
   never defines without TE (NameError); it is defined as ``None`` so the torch path is used.
+* recompute (``tensor_parallel.checkpoint``, ``CheckpointWithoutOutput``: ``--recompute-granularity
+  full|selective``) saves and restores the CUDA generator's state next to the CPU one and the
+  tracker's: on CPU there is no CUDA generator, so that part saves nothing and restores nothing
+  (the CPU state and the tracker's named states, which the tracker below keeps on the CPU
+  generator, are still restored).
+* the stock all-to-all token dispatcher and the shared experts of ``--moe-shared-expert-overlap``
+  run on side CUDA streams: their modules see :class:`_TorchOnCpu`, whose streams are inert and
+  all the same stream (so the dispatcher moves nothing between streams).
+* the interleaved (virtual-stage) pipeline schedule starts a stage's send and, before waiting
+  for it, frees the sent tensor's storage (``deallocate_output_tensor``): NCCL has copied it by
+  then in stream order, but gloo sends from a background thread that would read freed memory
+  (garbage or NaN losses). On CPU the freed storages are kept alive until the schedule returns,
+  when every send has been waited for.
+* sequence parallelism with the local transformer implementation: Megatron's torch norms refuse
+  it (only apex's and TE's norms mark their weights ``sequence_parallel``); on CPU the torch norm
+  is built and its weights are marked the way apex's are, so that ``finalize_model_grads`` sums
+  their gradients over the tensor-parallel ranks (each holds a slice of the sequence).
 
 Call :func:`apply` once before building a model. Everything else in the plugin is
 device-agnostic and takes its device from :func:`default_device`.
@@ -64,6 +81,7 @@ def apply() -> None:
     torch.cuda.current_device = lambda: "cpu"
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
     schedules.torch = p2p_communication.torch = _TorchOnCpu()
+    _keep_sent_outputs_until_the_schedule_ends(schedules)
     LanguageModule.setup_embeddings_and_output_layer = _tensor_cuda_is_identity(
         LanguageModule.setup_embeddings_and_output_layer)
     if not hasattr(moe_utils, "te_general_gemm"):
@@ -93,7 +111,62 @@ def apply() -> None:
 
     mcore_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # Recompute: no CUDA generator to save or restore (the CPU one and the tracker's are).
+    mcore_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    from megatron.core.transformer.moe import shared_experts, token_dispatcher
+
+    token_dispatcher.torch = shared_experts.torch = _TorchOnCpu()
+    _sequence_parallel_torch_norm()
     _applied = True
+
+
+def _keep_sent_outputs_until_the_schedule_ends(schedules) -> None:
+    """``deallocate_output_tensor`` keeping each freed storage referenced until the pipeline
+    schedule that sent it returns."""
+    kept = []
+    deallocate = schedules.deallocate_output_tensor
+
+    def deallocate_output_tensor(out, deallocate_pipeline_outputs=False):
+        if out is not None and deallocate_pipeline_outputs:
+            kept.append(out.data)  # shares the storage a gloo send may still be reading
+        deallocate(out, deallocate_pipeline_outputs)
+
+    def releasing_at_the_end(schedule):
+        @functools.wraps(schedule)
+        def run(*args, **kwargs):
+            try:
+                return schedule(*args, **kwargs)
+            finally:
+                kept.clear()
+
+        return run
+
+    schedules.deallocate_output_tensor = deallocate_output_tensor
+    for name in ("forward_backward_pipelining_with_interleaving", "forward_backward_pipelining_without_interleaving"):
+        setattr(schedules, name, releasing_at_the_end(getattr(schedules, name)))
+
+
+def _sequence_parallel_torch_norm() -> None:
+    """Let Megatron's torch ``LayerNorm`` / ``RMSNorm`` wrapper run with sequence parallelism: built
+    without it, its weights marked ``sequence_parallel`` as apex's fused norms mark theirs."""
+    import copy
+
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    original = WrappedTorchNorm.__new__
+
+    def __new__(cls, config, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original(cls, config, *args, **kwargs)
+        config = copy.copy(config)
+        config.sequence_parallel = False
+        norm = original(cls, config, *args, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    WrappedTorchNorm.__new__ = staticmethod(__new__)
 
 
 def _tensor_cuda_is_identity(method):
@@ -137,6 +210,15 @@ class _Nothing:
     def __getattr__(self, name: str):
         return lambda *args, **kwargs: None
 
+    def __eq__(self, other) -> bool:  # one CPU "stream": every stream is the current one
+        return isinstance(other, _Nothing)
+
+    def __hash__(self) -> int:
+        return 0
+
+    def record_event(self, *args, **kwargs) -> "_Nothing":
+        return _Nothing()
+
     def __enter__(self):
         return self
 
@@ -165,6 +247,11 @@ class _CudaOnCpu(types.SimpleNamespace):
     memory_allocated = max_memory_allocated = memory_reserved = max_memory_reserved = staticmethod(lambda *a, **k: 0)
     get_rng_state = staticmethod(torch.get_rng_state)
     set_rng_state = staticmethod(lambda state, *a, **k: None)  # the CPU state is restored separately
+    # No GPU architecture: compute capability 0.0 (Megatron's checks for Blackwell-or-newer and
+    # for its grouped-GEMM kernels then take their pre-Ampere branch).
+    get_device_capability = staticmethod(lambda *a, **k: (0, 0))
+    get_device_properties = staticmethod(
+        lambda *a, **k: types.SimpleNamespace(name="cpu", major=0, minor=0, total_memory=0, multi_processor_count=0))
 
 
 class _TorchOnCpu:

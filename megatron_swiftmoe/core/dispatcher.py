@@ -16,6 +16,17 @@ Router probabilities never travel: they scale the expert outputs on the source r
 results are combined, which is the same function as scaling inside the expert
 (fc2 is linear). Every routed pair is computed exactly once: dropless, unless the layer's
 ``SwiftMoEConfig.capacity_factor`` caps each expert at a capacity proportional to its replicas.
+
+With ``--moe-shared-expert-overlap`` the dispatcher runs the shared expert in the pieces and
+at the points Megatron's all-to-all dispatcher does: its input gathered (sequence parallelism)
+before the plan, fc1 and the activation once the pairs' all-to-all is issued, fc2 and the
+reduce-scatter once the results' all-to-all is issued, on the shared expert's side stream, so
+on GPUs it computes while the pairs travel; its output is added on combine.
+
+Popularity is counted in training forward passes with gradients enabled only, as Megatron's
+router counts its statistics: a recomputed region (``--recompute-granularity full``,
+``--recompute-modules moe``) first runs without gradients, then once more with them, and
+counts once.
 """
 
 from __future__ import annotations
@@ -62,6 +73,7 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         Returns ``([P, H] pair inputs, None)``.
         """
         self.hidden_shape = tokens.shape
+        self._shared_experts_start(tokens)
         hidden = tokens.reshape(-1, tokens.shape[-1])
         placement = self.layer.placement
         demand = routing_map.sum(0).to(torch.int64)
@@ -112,7 +124,9 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         return hidden[self.pair_token], None
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs):
-        return all_to_all(self.group, hidden_states, self.recv_splits, self.send_splits), probs
+        dispatched = all_to_all(self.group, hidden_states, self.recv_splits, self.send_splits)
+        self._shared_experts_fc1(dispatched)
+        return dispatched, probs
 
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs):
         return hidden_states[self.slot_major], self.last_tokens_per_slot, None
@@ -121,12 +135,34 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         return hidden_states[_inverse_permutation(self.slot_major)]
 
     def token_combine(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return all_to_all(self.group, hidden_states, self.send_splits, self.recv_splits)
+        combined = all_to_all(self.group, hidden_states, self.send_splits, self.recv_splits)
+        self._shared_experts_fc2(combined)
+        return combined
 
     def combine_postprocess(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Scale each pair's output by its router probability and sum per token."""
         weighted = hidden_states * self.pair_prob.unsqueeze(-1).to(hidden_states.dtype)
         num_tokens = self.hidden_shape[:-1].numel()
         output = weighted.new_zeros(num_tokens, weighted.shape[-1])
-        output = output.index_add(0, self.pair_token, weighted)
-        return output.view(self.hidden_shape)
+        output = output.index_add(0, self.pair_token, weighted).view(self.hidden_shape)
+        return self._add_shared_experts_output(output)
+
+    # ---- --moe-shared-expert-overlap: Megatron's SharedExpertMLP pieces, in its order
+
+    def _shared_experts_start(self, tokens: torch.Tensor) -> None:
+        if self.shared_experts is not None:
+            self.shared_experts.pre_forward_comm(tokens)
+
+    def _shared_experts_fc1(self, dispatched: torch.Tensor) -> None:
+        if self.shared_experts is not None:
+            self.shared_experts.linear_fc1_forward_and_act(dispatched)
+
+    def _shared_experts_fc2(self, combined: torch.Tensor) -> None:
+        if self.shared_experts is not None:
+            self.shared_experts.linear_fc2_forward(combined)
+            self.shared_experts.post_forward_comm()
+
+    def _add_shared_experts_output(self, output: torch.Tensor) -> torch.Tensor:
+        if self.shared_experts is None:
+            return output
+        return output + self.shared_experts.get_output()

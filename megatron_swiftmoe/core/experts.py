@@ -53,6 +53,31 @@ class SlotExperts(MegatronModule):
         self.fc2 = torch.nn.Parameter(torch.zeros(num_slots, hidden, ffn, **kwargs))
         for param in (self.fc1, self.fc2):
             param.is_swiftmoe_slot = True
+        self._recompute_activation_if_asked()
+
+    def _recompute_activation_if_asked(self) -> None:
+        """``--recompute-modules moe_act``: as Megatron's grouped experts do, the activation's
+        output is not kept for backward but recomputed from fc1's output
+        (``CheckpointWithoutOutput``): its storage is freed once the forward pass has used it
+        and refilled when the gradient reaches the experts' output."""
+        config = self.config
+        if config.recompute_granularity != "selective" or "moe_act" not in (config.recompute_modules or ()):
+            return
+        from megatron.core.tensor_parallel import CheckpointWithoutOutput
+
+        plain, pending = self._activation, []
+
+        def activation(x: torch.Tensor) -> torch.Tensor:
+            checkpoint = CheckpointWithoutOutput()
+            pending.append(checkpoint)
+            return checkpoint.checkpoint(plain, x)
+
+        def discard_after_forward(module, inputs, outputs) -> None:
+            while pending:
+                pending.pop().discard_output_and_register_recompute(outputs[0])
+
+        self._activation = activation
+        self.register_forward_hook(discard_after_forward)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         """Slots are a cache of the expert shards: nothing of theirs goes into a checkpoint."""

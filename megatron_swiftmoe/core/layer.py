@@ -110,21 +110,28 @@ def plan_placement(popularity: torch.Tensor, num_ranks: int, swiftmoe: SwiftMoEC
     return layout.to(popularity.device)
 
 
+def replica_group() -> dist.ProcessGroup:
+    """The ranks that share a SwiftMoE layer's expert slots: this pipeline stage's tensor x
+    context x data-parallel ranks (Megatron's MoE parallel folding with EP = ETP = 1: the same
+    ranks, in the same order, as the expert-data-parallel group). Every tensor- and
+    context-parallel rank routes its own slice of the tokens, so its peers are simply more
+    sources of one all-to-all. Without tensor and context parallelism it is the data-parallel
+    group (the same ranks: a position in it is the data-parallel rank)."""
+    return parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+
+
 def _check_supported(config: TransformerConfig, num_ranks: int, swiftmoe: SwiftMoEConfig) -> None:
     """Raise ValueError naming the setting SwiftMoE cannot run with."""
     placement_lib.check_layout(
         config.num_moe_experts, num_ranks, swiftmoe.slots_per_rank, config.moe_router_topk
     )
     unsupported = {
-        "tensor_model_parallel_size": config.tensor_model_parallel_size != 1,
-        "context_parallel_size": config.context_parallel_size != 1,
         "expert_model_parallel_size": config.expert_model_parallel_size != 1,
         "expert_tensor_parallel_size": (config.expert_tensor_parallel_size or 1) != 1,
         # SwiftMoE applies its own, replica-proportional capacity: SwiftMoEConfig.capacity_factor.
         "moe_expert_capacity_factor": config.moe_expert_capacity_factor is not None,
         "moe_apply_probs_on_input": config.moe_apply_probs_on_input,
         "moe_latent_size": bool(config.moe_latent_size),
-        "moe_shared_expert_overlap": config.moe_shared_expert_overlap,
         "add_bias_linear": config.add_bias_linear,
     }
     bad = [name for name, is_bad in unsupported.items() if is_bad]
@@ -132,10 +139,50 @@ def _check_supported(config: TransformerConfig, num_ranks: int, swiftmoe: SwiftM
         raise ValueError(
             f"SwiftMoE does not support {', '.join(bad)} (got "
             + ", ".join(f"{name}={getattr(config, name)!r}" for name in bad)
-            + "); SwiftMoE replicates bias-free experts across the data-parallel ranks; use the "
-            "defaults (1 / None / False) for these settings (a capacity factor goes in "
-            "SwiftMoEConfig.capacity_factor, which scales each expert's capacity with its replicas)"
+            + "); SwiftMoE replicates whole, bias-free experts across the tensor x context x "
+            "data-parallel ranks; use the defaults (1 / None / False) for these settings (a "
+            "capacity factor goes in SwiftMoEConfig.capacity_factor, which scales each expert's "
+            "capacity with its replicas)"
         )
+
+
+def _draw_expert_weights(config: TransformerConfig, fc1_shape, fc2_shape, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every expert initialised like a Megatron expert MLP (same on every rank): ``[E, *fc1_shape]``,
+    ``[E, *fc2_shape]``.
+
+    From the generator Megatron's own experts draw from: the default (CPU) one with
+    ``use_cpu_initialization``, else the expert-parallel RNG tracker stream. So building
+    SwiftMoE layers leaves every other generator, and with it the dropout masks, where
+    Megatron's static experts leave it.
+    """
+    num_experts = config.num_moe_experts
+    dtype = master_dtype(config.params_dtype)
+    fc1 = torch.empty(num_experts, *fc1_shape, dtype=dtype, device=device)
+    fc2 = torch.empty(num_experts, *fc2_shape, dtype=dtype, device=device)
+    if config.use_cpu_initialization:
+        stream = contextlib.nullcontext()
+    else:
+        stream = tensor_parallel.get_cuda_rng_tracker().fork(tensor_parallel.get_expert_parallel_rng_tracker_name())
+    with stream:
+        for expert in range(num_experts):
+            config.init_method(fc1[expert])
+            config.output_layer_init_method(fc2[expert])
+    return fc1, fc2
+
+
+class _SlotsDrawingInitialWeights(SlotExperts):
+    """The slots, which draw every expert's initial weights as soon as they are built.
+
+    ``MoELayer.__init__`` builds the experts between the router and the shared experts; Megatron's
+    static experts draw their weights there. Drawing at the same point (not after the layer is
+    built) leaves the shared experts' initial weights what they are under static expert
+    parallelism (with ``use_cpu_initialization`` both draw from the default generator).
+    """
+
+    def __init__(self, *args, initial_weights: list, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.config.perform_initialization:
+            initial_weights.append(_draw_expert_weights(self.config, self.fc1.shape[1:], self.fc2.shape[1:], self.fc1.device))
 
 
 class SwiftMoELayer(MoELayer):
@@ -148,8 +195,8 @@ class SwiftMoELayer(MoELayer):
         layer_number: set by the transformer layer.
         pg_collection: Megatron process groups (router and shared experts use them).
         swiftmoe: SwiftMoE settings (slots per rank, placement policy, grouped GEMM).
-        group: ranks that share the expert slots; defaults to the data-parallel group (of this
-            pipeline stage).
+        group: ranks that share the expert slots; defaults to :func:`replica_group` (this
+            pipeline stage's tensor x context x data-parallel ranks).
         **kwargs: what newer Megatron versions pass every MLP (``is_mtp_layer``, ``name``).
     """
 
@@ -164,13 +211,15 @@ class SwiftMoELayer(MoELayer):
         **kwargs,
     ):
         self.swiftmoe = swiftmoe or SwiftMoEConfig()
-        self.group = group or parallel_state.get_data_parallel_group()
+        self.group = group or replica_group()
         num_ranks = dist.get_world_size(self.group)
         _check_supported(config, num_ranks, self.swiftmoe)
         device = torch.device("cpu") if config.use_cpu_initialization else default_device()
+        initial_weights = []
         slots = ModuleSpec(
-            module=SlotExperts,
-            params=dict(num_slots=self.swiftmoe.slots_per_rank, grouped_gemm=self.swiftmoe.grouped_gemm, device=device),
+            module=_SlotsDrawingInitialWeights,
+            params=dict(num_slots=self.swiftmoe.slots_per_rank, grouped_gemm=self.swiftmoe.grouped_gemm, device=device,
+                        initial_weights=initial_weights),
         )
         submodules = dataclasses.replace(submodules, experts=slots) if submodules else MoESubmodules(experts=slots)
         # MoELayer.__init__ builds router, shared experts and, from the spec, our slots. It also
@@ -185,6 +234,9 @@ class SwiftMoELayer(MoELayer):
         pg_collection = pg_collection or get_default_pg_collection()
         self.num_ranks = num_ranks
         self.rank = dist.get_rank(self.group)
+        # Ranks whose losses the expert gradients average over: data x context parallel, as
+        # Megatron's DDP scales expert gradients (tensor-parallel peers hold slices of one loss).
+        self.dp_cp_size = num_ranks // config.tensor_model_parallel_size
         self.slots_per_rank = self.num_local_experts = self.swiftmoe.slots_per_rank
         self.local_expert_indices = []  # they change every iteration: see `slot_experts`
 
@@ -198,8 +250,10 @@ class SwiftMoELayer(MoELayer):
         shard = torch.zeros(config.num_moe_experts, self.shard_numel, dtype=master_dtype(config.params_dtype), device=device)
         self.register_buffer("expert_shard", shard, persistent=False)
         self.token_dispatcher = SwiftMoETokenDispatcher(self, config, pg_collection)
-        if config.perform_initialization:
-            self.load_expert_weights(*self._init_expert_weights(device))
+        if self.use_shared_expert and self.shared_expert_overlap:
+            self.token_dispatcher.set_shared_experts(self.shared_experts)
+        if initial_weights:
+            self.load_expert_weights(*initial_weights.pop())
 
     @property
     def slot_experts(self) -> torch.Tensor:
@@ -218,29 +272,6 @@ class SwiftMoELayer(MoELayer):
             self._host_placement = self.placement.cpu()
             self._host_placement_key = key
         return self._host_placement
-
-    def _init_expert_weights(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every expert initialised like a Megatron expert MLP (same on every rank).
-
-        From the generator Megatron's own experts draw from: the default (CPU) one with
-        ``use_cpu_initialization``, else the expert-parallel RNG tracker stream. So building
-        SwiftMoE layers leaves every other generator, and with it the dropout masks, where
-        Megatron's static experts leave it.
-        """
-        config = self.config
-        num_experts = config.num_moe_experts
-        dtype = master_dtype(config.params_dtype)
-        fc1 = torch.empty(num_experts, *self.experts.fc1.shape[1:], dtype=dtype, device=device)
-        fc2 = torch.empty(num_experts, *self.experts.fc2.shape[1:], dtype=dtype, device=device)
-        if config.use_cpu_initialization:
-            stream = contextlib.nullcontext()
-        else:
-            stream = tensor_parallel.get_cuda_rng_tracker().fork(tensor_parallel.get_expert_parallel_rng_tracker_name())
-        with stream:
-            for expert in range(num_experts):
-                config.init_method(fc1[expert])
-                config.output_layer_init_method(fc2[expert])
-        return fc1, fc2
 
     @torch.no_grad()
     def load_expert_weights(self, fc1: torch.Tensor, fc2: torch.Tensor) -> None:
@@ -383,6 +414,15 @@ def moe_submodules(layer_spec) -> MoESubmodules:
     if not (isinstance(module, type) and issubclass(module, MoELayer)):
         raise ValueError("the layer spec has no MoE layer: build it with num_experts set")
     return submodules
+
+
+def has_moe_layer(spec) -> bool:
+    """Whether a layer ``ModuleSpec`` or a ``TransformerBlockSubmodules`` has an MoE layer."""
+    layer_specs = spec.layer_specs if isinstance(spec, TransformerBlockSubmodules) else [spec]
+    return any(
+        isinstance(module, type) and issubclass(module, MoELayer)
+        for module, _ in map(_mlp_module, layer_specs)
+    )
 
 
 def swiftmoe_spec(spec, swiftmoe: SwiftMoEConfig):

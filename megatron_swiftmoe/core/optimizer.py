@@ -183,7 +183,8 @@ class ExpertShards:
 
     def reduce_scatter_grads(self, scale: Optional[float] = None) -> int:
         """Sum all replicas' gradients into the owners' ``master.grad``, times ``scale``
-        (default ``1 / N``: averaged over ranks, as data-parallel gradients are).
+        (default ``1 / layer.dp_cp_size``: averaged over the data x context-parallel ranks, as
+        Megatron averages expert gradients; ``1 / N`` without tensor parallelism).
 
         Local replicas of one expert are summed first, then every rank sends shard r of each of
         its distinct experts to rank r. Returns bytes sent.
@@ -212,7 +213,7 @@ class ExpertShards:
         )
         grad = torch.zeros_like(self.master)
         grad.index_add_(0, torch.cat(distinct), recv.view(-1, self.shard_numel))
-        self.master.grad = grad.mul_(1.0 / self.num_ranks if scale is None else scale)
+        self.master.grad = grad.mul_(1.0 / self.layer.dp_cp_size if scale is None else scale)
         return send.numel() * send.element_size()
 
     @torch.no_grad()

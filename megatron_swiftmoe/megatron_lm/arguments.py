@@ -33,18 +33,12 @@ def _notice(message: str) -> None:
 
 # Settings that must keep their default with --swiftmoe: (attribute, allowed values, why / fix).
 _UNSUPPORTED = (
-    ("tensor_model_parallel_size", (1,), "SwiftMoE replicates experts over the data-parallel ranks and does not "
-     "support tensor parallelism yet (see README, 'Use with Megatron-LM'); use 1"),
-    ("context_parallel_size", (1,), "context parallelism is not supported with SwiftMoE yet; use 1"),
-    ("expert_tensor_parallel_size", (None, 1), "SwiftMoE keeps every expert whole in its slots; use 1"),
-    ("virtual_pipeline_model_parallel_size", (None,), "virtual pipeline stages are not supported with SwiftMoE"),
-    ("num_layers_per_virtual_pipeline_stage", (None,), "virtual pipeline stages are not supported with SwiftMoE"),
     ("add_bias_linear", (False,), "SwiftMoE's experts are bias-free: add --disable-bias-linear"),
     ("moe_pad_expert_input_to_capacity", (False, None), "SwiftMoE never pads expert inputs; drop the flag"),
-    ("moe_shared_expert_overlap", (False, None), "not supported with SwiftMoE's dispatcher; drop the flag"),
     ("moe_latent_size", (None, 0), "latent MoE is not supported with SwiftMoE"),
-    ("overlap_moe_expert_parallel_comm", (False, None), "not supported with SwiftMoE's dispatcher; drop the flag"),
-    ("mtp_num_layers", (None, 0), "multi-token-prediction layers are not supported with SwiftMoE yet"),
+    ("overlap_moe_expert_parallel_comm", (False, None), "it calls the MoE layer's dispatch pieces from its own "
+     "schedule, around Megatron's all-to-all dispatcher; SwiftMoE's plan and all-to-alls are not wired into it: "
+     "drop the flag (--moe-shared-expert-overlap works)"),
     ("spec", (None,), "SwiftMoE swaps its layer into Megatron's GPT decoder block spec; drop --spec"),
     ("use_torch_fsdp2", (False,), "SwiftMoE needs Megatron's DDP for the dense parameters; drop the flag"),
     ("use_megatron_fsdp", (False,), "SwiftMoE needs Megatron's DDP for the dense parameters; drop the flag"),
@@ -80,12 +74,23 @@ def validate_before(args) -> None:
             "instead of partitioning the experts"
         )
         args.expert_model_parallel_size = 1
+    expert_tp = args.expert_tensor_parallel_size or args.tensor_model_parallel_size  # Megatron's default: TP
+    if expert_tp != 1:
+        _notice(
+            f"--expert-tensor-parallel-size {expert_tp} replaced by 1: SwiftMoE keeps every expert whole in its "
+            "slots; the tensor-parallel ranks route their own sequence slices to the replicas (MoE parallel folding)"
+        )
+    args.expert_tensor_parallel_size = 1
     if getattr(args, "moe_grouped_gemm", False):
         _notice(
             f"--moe-grouped-gemm: SwiftMoE's slots compute with --swiftmoe-grouped-gemm "
             f"{args.swiftmoe_grouped_gemm} (auto: one grouped GEMM over all slots on CUDA in bf16/fp16)"
         )
-        args.moe_grouped_gemm = False  # Megatron's static grouped experts are never built
+        # Megatron's static grouped experts are never built: its check of their GPU (and of their
+        # kernels' packages) is skipped, then the flag is restored for the model's config
+        # (validate_after), whose own checks need it (--recompute-modules moe_act).
+        args.moe_grouped_gemm = False
+        args.swiftmoe_restore_moe_grouped_gemm = True
     # SwiftMoE's dispatcher applies the capacity factor per replica slot, not Megatron's layers.
     args.swiftmoe_capacity_factor = args.moe_expert_capacity_factor
     args.moe_expert_capacity_factor = None
@@ -96,15 +101,25 @@ def swiftmoe_config(args):
     return swiftmoe_config_from_args(args, capacity_factor=args.swiftmoe_capacity_factor)
 
 
+def replica_group_size(args) -> int:
+    """Ranks that share a layer's expert slots: tensor x context x data-parallel ranks of a stage."""
+    return args.tensor_model_parallel_size * args.context_parallel_size * args.data_parallel_size
+
+
 def validate_after(args) -> None:
     """Checks that need Megatron's derived settings (``data_parallel_size``)."""
     if not getattr(args, "swiftmoe", False):
         return
-    dp, slots, experts = args.data_parallel_size, args.swiftmoe_slots_per_rank, args.num_experts
-    if dp * slots < experts:
-        need = -(-experts // dp)
+    if getattr(args, "swiftmoe_restore_moe_grouped_gemm", False):
+        args.moe_grouped_gemm = True
+    n, slots, experts = replica_group_size(args), args.swiftmoe_slots_per_rank, args.num_experts
+    ranks = f"{n} data-parallel ranks" if n == args.data_parallel_size else (
+        f"{n} tensor x context x data-parallel ranks ({args.tensor_model_parallel_size} x "
+        f"{args.context_parallel_size} x {args.data_parallel_size})")
+    if n * slots < experts:
+        need = -(-experts // n)
         raise SwiftMoEArgumentError(
-            f"--swiftmoe-slots-per-rank {slots} x {dp} data-parallel ranks = {dp * slots} slots is fewer than "
+            f"--swiftmoe-slots-per-rank {slots} x {ranks} = {n * slots} slots is fewer than "
             f"--num-experts {experts}: every expert needs a slot; use --swiftmoe-slots-per-rank >= {need} or more ranks"
         )
     if not 1 <= args.moe_router_topk <= experts:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_swiftmoe.megatron_lm.arguments import replica_group_size
 from megatron_swiftmoe.training.agreement import ExplainedError, agree
 from megatron_swiftmoe.training.checkpointing import fsync_file, sha256_file
 
@@ -32,11 +33,14 @@ class SwiftMoECheckpointError(ExplainedError):
 
 
 def layout(args) -> dict:
-    """What a checkpoint records about the SwiftMoE layout it was written with."""
-    return {"num_ranks": args.data_parallel_size, "slots_per_rank": args.swiftmoe_slots_per_rank}
+    """What a checkpoint records about the SwiftMoE layout it was written with: the ranks of a
+    stage's replica group (tensor x context x data-parallel) and the slots per rank."""
+    return {"num_ranks": replica_group_size(args), "slots_per_rank": args.swiftmoe_slots_per_rank}
 
 
 def rank_file(iteration_dir: str | Path, pp_rank: int, dp_rank: int) -> Path:
+    """``dp_rank`` is the position in the replica group: the data-parallel rank when tensor and
+    context parallelism are off (the name files have always had)."""
     return Path(iteration_dir) / "swiftmoe" / f"pp{pp_rank:03d}_dp{dp_rank:05d}.pt"
 
 
@@ -77,7 +81,8 @@ def read_rank_state(iteration_dir: str | Path, pp_rank: int, dp_rank: int, args)
     if state["layout"] != layout(args):
         raise SwiftMoECheckpointError(
             f"{where} was written with {state['layout']}, this run has {layout(args)}: a --ckpt-format torch "
-            "checkpoint needs the same data-parallel size and --swiftmoe-slots-per-rank; save in torch_dist to reshard"
+            "checkpoint needs the same tensor x context x data-parallel size and --swiftmoe-slots-per-rank; save in "
+            "torch_dist to reshard"
         )
     return state
 

@@ -10,6 +10,7 @@ patched ``pretrain_gpt.py`` trains exactly as the unpatched one.
 | ``arguments.add_megatron_arguments`` | the ``--swiftmoe*`` flag group |
 | ``initialize.validate_args`` | :mod:`.arguments` checks, before any process group |
 | ``get_gpt_decoder_block_spec`` (``gpt_builders``, ``megatron.training.models.gpt``) | MoE layers become ``SwiftMoELayer`` |
+| ``get_gpt_mtp_block_spec`` (``gpt_builders``, ``gpt_layer_specs``) | so do those of the multi-token-prediction layers |
 | ``training.DDP``, ``wrap_model_chunks_with_ddp``, ``dist_utils._ddp_wrap`` | the expert slots stay out of DDP's buckets |
 | ``training.get_megatron_optimizer`` | Megatron's optimizer without the slots, chained with the expert optimizer; the load monitor |
 | ``training.finalize_model_grads`` | per-token loss scaling of the slot gradients |
@@ -30,7 +31,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from megatron_swiftmoe.core.config import add_swiftmoe_arguments
-from megatron_swiftmoe.core.layer import swiftmoe_layers, swiftmoe_spec
+from megatron_swiftmoe.core.layer import has_moe_layer, replica_group, swiftmoe_layers, swiftmoe_spec
 from megatron_swiftmoe.core.optimizer import refresh_slots
 from megatron_swiftmoe.megatron_lm import arguments as swiftmoe_arguments
 from megatron_swiftmoe.megatron_lm import checkpointing as swiftmoe_checkpointing
@@ -135,6 +136,20 @@ def _block_spec(original):
     return get_gpt_decoder_block_spec
 
 
+def _mtp_block_spec(original):
+    """The multi-token-prediction layers' spec derives from a decoder layer spec that Megatron-LM
+    builds apart from the decoder block's (``get_gpt_decoder_layer_specs`` or the layer spec
+    helpers): its MoE layer is made a SwiftMoE layer here."""
+
+    @functools.wraps(original)
+    def get_gpt_mtp_block_spec(config, spec, *args, **kwargs):
+        if _active() and has_moe_layer(spec):
+            spec = swiftmoe_spec(spec, swiftmoe_arguments.swiftmoe_config(_args()))
+        return original(config, spec, *args, **kwargs)
+
+    return get_gpt_mtp_block_spec
+
+
 def _ddp_class(original):
     class SwiftMoEDistributedDataParallel(original):
         """Megatron's DDP for everything but the expert slots (their gradients go to the shards)."""
@@ -174,7 +189,7 @@ def _get_megatron_optimizer(original):
 
         _State.monitor = MoELoadMonitor(  # a stage may have no MoE layer: it still takes part
             swiftmoe_layers(model_chunks),
-            group=parallel_state.get_data_parallel_group(),
+            group=replica_group(),
             pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
         )
         return chain_with_experts(dense, config, model_chunks)
@@ -249,9 +264,11 @@ def _log_load(iteration: int) -> None:
 
 
 def _parallel_ranks() -> tuple[int, int]:
+    """(pipeline rank, position in the SwiftMoE replica group: the data-parallel rank without
+    tensor and context parallelism), which name this rank's torch-format state file."""
     from megatron.core import parallel_state
 
-    return parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_data_parallel_rank()
+    return parallel_state.get_pipeline_model_parallel_rank(), torch.distributed.get_rank(replica_group())
 
 
 def _iteration_dir(root: str, iteration: int) -> str:
@@ -335,9 +352,11 @@ def install() -> None:
     gpt_builders = _optional_module("gpt_builders")  # the checkout's own, next to pretrain_gpt.py
     model_builders = _optional_module("megatron.training.models.gpt")
     dist_utils = _optional_module("megatron.training.models.dist_utils")
+    from megatron.core.models.gpt import gpt_layer_specs  # core_v0.19's model builder imports it late
     _rebind([arguments], "add_megatron_arguments", _add_megatron_arguments)
     _rebind([arguments, initialize], "validate_args", _validate_args)
     _rebind([gpt_builders, model_builders], "get_gpt_decoder_block_spec", _block_spec)
+    _rebind([gpt_builders, gpt_layer_specs], "get_gpt_mtp_block_spec", _mtp_block_spec)
     _rebind([training], "DDP", _ddp_class)
     _rebind([training], "wrap_model_chunks_with_ddp", _with_slots_hidden, required=False)
     _rebind([dist_utils], "_ddp_wrap", _with_slots_hidden, required=False)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer
 
+from megatron_swiftmoe.core.compat import default_device
 from megatron_swiftmoe.core.layer import swiftmoe_layers
 from megatron_swiftmoe.core.optimizer import ExpertShards, attach_main_grad, refresh_slots
 
@@ -74,9 +75,25 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
     # ---- gradients
 
     def get_grad_stats_parallel_group(self) -> Optional[dist.ProcessGroup]:
-        # Shards are distinct on every rank of a stage's data-parallel group and layers are
-        # distinct across stages: sum over the world (TP = CP = 1 with SwiftMoE).
+        # Shards are distinct on every rank of a stage's replica group (tensor x context x data
+        # parallel) and layers are distinct across stages: sum over the world.
         return dist.group.WORLD
+
+    def get_main_grads_for_grad_norm(self) -> list[torch.Tensor]:
+        # Megatron's rule counts a tensor without ``tensor_model_parallel`` on tensor-parallel
+        # rank 0 only (a replica); the shards of tensor-parallel peers differ: every one counts.
+        return [shards.master.grad for shards in self.shards if shards.master.grad is not None]
+
+    @torch.no_grad()
+    def count_zeros(self) -> float:
+        """Zeros among the expert gradients (``--log-num-zeros-in-grad``), every shard once."""
+        zeros = torch.zeros((), dtype=torch.float64, device=default_device())
+        for shards in self.shards:
+            if shards.master.grad is not None:  # the zero padding of the last shards left out
+                mine = min(max(shards.expert_numel - shards.layer.rank * shards.shard_numel, 0), shards.shard_numel)
+                zeros += (shards.master.grad[:, :mine] == 0).sum()
+        dist.all_reduce(zeros, group=self.get_grad_stats_parallel_group())
+        return zeros.item()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for shards in self.shards:

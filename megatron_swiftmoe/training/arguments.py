@@ -206,21 +206,39 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
+#: Megatron-LM features this program does not re-implement: with --swiftmoe they run in
+#: Megatron-LM's own pretrain_gpt.py (README, "Use with Megatron-LM").
+MEGATRON_LM_ONLY = (
+    "--context-parallel-size", "--expert-tensor-parallel-size", "--sequence-parallel",
+    "--num-layers-per-virtual-pipeline-stage", "--num-virtual-stages-per-pipeline-rank",
+    "--mtp-num-layers", "--moe-shared-expert-intermediate-size", "--moe-shared-expert-overlap",
+    "--recompute-granularity", "--recompute-modules", "--recompute-method", "--recompute-num-layers",
+    "--moe-layer-recompute",
+)
+MEGATRON_LM_POINTER = ("this program does not implement it; Megatron-LM's own pretrain_gpt.py runs it with "
+                       "--swiftmoe (README, 'Use with Megatron-LM')")
+
+
 class _Parser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` that suggests the closest flag for an unknown one."""
+    """``argparse.ArgumentParser`` that suggests the closest flag for an unknown one, and points
+    Megatron-LM features this program leaves to Megatron-LM there."""
 
     def error(self, message: str):
         if message.startswith("unrecognized arguments:"):
             known = [opt for action in self._actions for opt in action.option_strings]
-            hints = []
+            hints, elsewhere = [], []
             for word in message.split(":", 1)[1].split():
                 flag = word.split("=", 1)[0]
-                if flag.startswith("--"):
+                if flag in MEGATRON_LM_ONLY:
+                    elsewhere.append(flag)
+                elif flag.startswith("--"):
                     close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
                     if close:
                         hints.append(f"{flag} -> {close[0]}")
             if hints:
                 message += " (did you mean: " + ", ".join(hints) + "?)"
+            if elsewhere:
+                message += f"; {', '.join(elsewhere)}: {MEGATRON_LM_POINTER}"
         super().error(message)
 
 
@@ -761,8 +779,9 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
     # Parallelism: pipeline stages, each a data-parallel group of n / pp ranks.
     if args.tensor_model_parallel_size != 1:
         fail(
-            f"--tensor-model-parallel-size {args.tensor_model_parallel_size} is not supported: this "
-            "program runs TP = 1 (use --pipeline-model-parallel-size to split the model over ranks)"
+            f"--tensor-model-parallel-size {args.tensor_model_parallel_size} is not supported: "
+            f"{MEGATRON_LM_POINTER}; this program runs TP = 1 (--pipeline-model-parallel-size splits "
+            "the model over ranks)"
         )
     if pp < 1:
         fail(f"--pipeline-model-parallel-size must be >= 1, got {pp}")
