@@ -19,7 +19,9 @@ megatron-core assumes a GPU in a few places that the MoE GPT path touches:
   full|selective``) saves and restores the CUDA generator's state next to the CPU one and the
   tracker's: on CPU there is no CUDA generator, so that part saves nothing and restores nothing
   (the CPU state and the tracker's named states, which the tracker below keeps on the CPU
-  generator, are still restored).
+  generator, are still restored). Output-discarding recompute (``CheckpointWithoutOutput``:
+  ``moe_act``, ``layernorm``) always asks Transformer Engine whether FP8 is on; without TE it is
+  told "off", by stand-ins for those three TE names.
 * the stock all-to-all token dispatcher and the shared experts of ``--moe-shared-expert-overlap``
   run on side CUDA streams: their modules see :class:`_TorchOnCpu`, whose streams are inert and
   all the same stream (so the dispatcher moves nothing between streams).
@@ -114,6 +116,11 @@ def apply() -> None:
     # Recompute: no CUDA generator to save or restore (the CPU one and the tracker's are).
     mcore_random._get_cuda_rng_state = lambda *args, **kwargs: None
     mcore_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    if not getattr(mcore_random, "HAVE_TE", True):
+        mcore_random.FP8GlobalStateManager = types.SimpleNamespace(
+            is_fp8_enabled=lambda: False, get_fp8_recipe=lambda: None)
+        mcore_random.activation_recompute_forward = lambda *args, **kwargs: contextlib.nullcontext()
+        mcore_random.fp8_autocast = lambda *args, **kwargs: contextlib.nullcontext()
     from megatron.core.transformer.moe import shared_experts, token_dispatcher
 
     token_dispatcher.torch = shared_experts.torch = _TorchOnCpu()
