@@ -134,9 +134,16 @@ def _keep_sent_outputs_until_the_schedule_ends(schedules) -> None:
     kept = []
     deallocate = schedules.deallocate_output_tensor
 
-    def deallocate_output_tensor(out, deallocate_pipeline_outputs=False):
-        if out is not None and deallocate_pipeline_outputs:
+    def keep(out) -> None:  # a tensor, or (core_v0.19) a list or dict of them
+        if isinstance(out, torch.Tensor):
             kept.append(out.data)  # shares the storage a gloo send may still be reading
+        elif isinstance(out, (list, tuple, dict)):
+            for item in out.values() if isinstance(out, dict) else out:
+                keep(item)
+
+    def deallocate_output_tensor(out, deallocate_pipeline_outputs=False):
+        if deallocate_pipeline_outputs:
+            keep(out)
         deallocate(out, deallocate_pipeline_outputs)
 
     def releasing_at_the_end(schedule):
@@ -307,6 +314,7 @@ _MEGATRON_LM_CUDA_MODULES = (
     "megatron.training.initialize",
     "megatron.training.training",
     "megatron.training.utils",
+    "megatron.training.utils.common_utils",  # core_v0.19 on (get_device_arch_version)
     "megatron.training.checkpointing",
     "megatron.core.timers",
     "megatron.core.rerun_state_machine",

@@ -84,6 +84,11 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
         # rank 0 only (a replica); the shards of tensor-parallel peers differ: every one counts.
         return [shards.master.grad for shards in self.shards if shards.master.grad is not None]
 
+    def get_grads_for_grad_norm(self, grad_norm_group: Optional[str] = None) -> list[torch.Tensor]:
+        """core_v0.19's name for :meth:`get_main_grads_for_grad_norm`; the expert shards belong to
+        no separate grad-norm group."""
+        return [] if grad_norm_group is not None else self.get_main_grads_for_grad_norm()
+
     @torch.no_grad()
     def count_zeros(self) -> float:
         """Zeros among the expert gradients (``--log-num-zeros-in-grad``), every shard once."""
