@@ -151,3 +151,24 @@ def environment(tree: Path) -> dict[str, str]:
 def assert_ok(run: Run, what: str = "run") -> Run:
     assert run.returncode == 0, f"{what} failed (rc {run.returncode}):\n{run.output[-6000:]}"
     return run
+
+
+def grad_norms(run: Run) -> dict[int, float]:
+    """Per-iteration grad norm from Megatron's log lines (printed with three decimals)."""
+    lines = re.findall(r"iteration\s+(\d+)/\s*\d+ \|.*?grad norm: ([0-9.]+)", run.output)
+    return {int(i): float(v) for i, v in lines}
+
+
+def flag_list(settings: dict) -> list[str]:
+    """``{"name": value}`` as Megatron-LM flags: ``True`` a bare flag, ``None`` left out, a list
+    several values."""
+    flags = []
+    for name, value in settings.items():
+        if value is None or value is False:
+            continue
+        flags.append(f"--{name}")
+        if isinstance(value, (list, tuple)):
+            flags += [str(v) for v in value]
+        elif value is not True:
+            flags.append(str(value))
+    return flags

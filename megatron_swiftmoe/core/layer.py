@@ -150,15 +150,16 @@ def _draw_expert_weights(config: TransformerConfig, fc1_shape, fc2_shape, device
     """Every expert initialised like a Megatron expert MLP (same on every rank): ``[E, *fc1_shape]``,
     ``[E, *fc2_shape]``.
 
-    From the generator Megatron's own experts draw from: the default (CPU) one with
-    ``use_cpu_initialization``, else the expert-parallel RNG tracker stream. So building
-    SwiftMoE layers leaves every other generator, and with it the dropout masks, where
-    Megatron's static experts leave it.
+    From the generator Megatron's own experts draw from, in the dtype they draw in: the default
+    (CPU) one into fp32 master matrices with ``use_cpu_initialization``, else the expert-parallel
+    RNG tracker stream into the parameters' dtype; then rounded to the parameters' dtype as
+    theirs are. So building SwiftMoE layers leaves every other generator, and with it the dropout
+    masks, where Megatron's static experts leave it. (The GPU path has not run on a GPU here.)
     """
     num_experts = config.num_moe_experts
-    dtype = master_dtype(config.params_dtype)
-    fc1 = torch.empty(num_experts, *fc1_shape, dtype=dtype, device=device)
-    fc2 = torch.empty(num_experts, *fc2_shape, dtype=dtype, device=device)
+    drawn = torch.float32 if config.use_cpu_initialization else config.params_dtype
+    fc1 = torch.empty(num_experts, *fc1_shape, dtype=drawn, device=device)
+    fc2 = torch.empty(num_experts, *fc2_shape, dtype=drawn, device=device)
     if config.use_cpu_initialization:
         stream = contextlib.nullcontext()
     else:
@@ -167,7 +168,8 @@ def _draw_expert_weights(config: TransformerConfig, fc1_shape, fc2_shape, device
         for expert in range(num_experts):
             config.init_method(fc1[expert])
             config.output_layer_init_method(fc2[expert])
-    return fc1, fc2
+    master = master_dtype(config.params_dtype)
+    return fc1.to(config.params_dtype).to(master), fc2.to(config.params_dtype).to(master)
 
 
 class _SlotsDrawingInitialWeights(SlotExperts):

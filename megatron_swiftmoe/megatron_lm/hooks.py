@@ -131,7 +131,9 @@ def _block_spec(original):
     @functools.wraps(original)
     def get_gpt_decoder_block_spec(*args, **kwargs):
         spec = original(*args, **kwargs)
-        return swiftmoe_spec(spec, swiftmoe_arguments.swiftmoe_config(_args())) if _active() else spec
+        if not (_active() and has_moe_layer(spec)):  # a stage or virtual stage may have no MoE layer
+            return spec
+        return swiftmoe_spec(spec, swiftmoe_arguments.swiftmoe_config(_args()))
 
     return get_gpt_decoder_block_spec
 
