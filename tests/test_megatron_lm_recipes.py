@@ -318,9 +318,13 @@ def test_deepseek_proxy_functional_test_trains_with_swiftmoe_added_and_matches_s
     """The recipe above with --swiftmoe added and nothing else changed. Megatron's static side
     cannot run its grouped experts on CPU (they need grouped_gemm or Transformer Engine), so there
     --moe-grouped-gemm goes, and with it moe_act (Megatron allows that recompute only with grouped
-    experts); recomputing changes no value."""
+    experts); recomputing changes no value. It also keeps Megatron's default expert-tensor
+    parallelism (= TP), the same model: core_v0.16.1's static experts with EP 1 and ETP 1 under
+    TP 2 are reduced like dense parameters, over DP only, so its TP peers' experts drift apart
+    (the linear layers take the expert groups only with EP > 1; core_v0.19 fixed that)."""
     swift = assert_ok(launch(tree, 4, *flag_list(DEEPSEEK_PROXY), *swiftmoe(4)), "swiftmoe")
-    static_recipe = {**DEEPSEEK_PROXY, "moe-grouped-gemm": None, "recompute-modules": ["layernorm", "mlp"]}
+    static_recipe = {**DEEPSEEK_PROXY, "moe-grouped-gemm": None, "recompute-modules": ["layernorm", "mlp"],
+                     "expert-tensor-parallel-size": None}
     static = assert_ok(launch(tree, 4, *flag_list(static_recipe)), "static")
     assert_same_training(swift, static, 4)
     assert moe_layers_logged(swift) == {"moe layer  0", "moe layer  1", "moe layer  2", "moe layer  3"}  # 3 + MTP
