@@ -568,6 +568,8 @@ def test_cli_table_and_workload_report(capsys):
     assert "### mixtral-8x7b on h100-16" in out and "| hot-block |" in out and "| uniform |" in out
     hot = next(line for line in out.splitlines() if line.startswith("| hot-block |"))
     assert "wins:" in hot
+    summary = out.split("SwiftMoE speedup per iteration")[1]
+    assert "| mixtral-8x7b | h100-16 | 1 | 8 / 8 |" in summary
     assert main(args + ["--json"]) == 0
     cells = json.loads(capsys.readouterr().out)
     rows = cells[0]["rows"]

@@ -21,7 +21,7 @@ from megatron_swiftmoe.sim.cost import (
     METADATA_SCHEMES, REPLACEMENT_ORDERS, STRATEGIES, calibrate_mfu, check_strategy, simulate,
 )
 from megatron_swiftmoe.sim.model import BUILTIN_MODELS, load_model, model_names
-from megatron_swiftmoe.sim.report import format_comparison, format_report
+from megatron_swiftmoe.sim.report import format_comparison, format_report, format_summary
 from megatron_swiftmoe.sim.trace import load_trace
 from megatron_swiftmoe.sim.workloads import WORKLOADS, make_workload
 
@@ -129,6 +129,8 @@ def _table(args) -> int:
             "ms; 'a2a Δ' = its token all-to-all + count exchange minus static's; 'plan' = its exposed planning + "
             "split; 'why': parts where SwiftMoE gains / loses against the users' static EP (ms).")
     print(format_comparison(cells, line))
+    print()
+    print(format_summary(cells))
     return 0
 
 

@@ -20,7 +20,7 @@ says so). Batches are weak-scaled: ``micro_batches`` micro-batches of 1 x 4096 t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from megatron_swiftmoe.sim.cluster import Cluster, get_cluster
@@ -55,7 +55,6 @@ class CompareSettings:
     replacement: str = "all"
     slots_per_rank: Optional[int] = None
     planning_ms: Optional[float] = None
-    extra: dict = field(default_factory=dict)
 
 
 def configure(model: ModelShape, cluster: Cluster, settings: CompareSettings) -> ModelShape:
@@ -86,7 +85,7 @@ def compare(models: Sequence[str], clusters: Sequence[str], workloads: Sequence[
                     trace, cluster, model, strategies, mfu=settings.mfu,
                     planning_s=None if settings.planning_ms is None else settings.planning_ms / 1e3,
                     overlap=settings.overlap, overlap_slowdown=settings.overlap_slowdown,
-                    metadata=settings.metadata, replacement=settings.replacement, **settings.extra)
+                    metadata=settings.metadata, replacement=settings.replacement)
             out.append(dict(model=model, cluster=cluster, slots=model.slots_per_rank, ep_users=ep_u,
                             ep_spread=ep_s, rows=rows))
     return out

@@ -13,7 +13,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -645,12 +645,10 @@ def _timeline(ctx: _Ctx, kind: str, fixed: _Fixed, layers: list[Optional[_Layer]
                     for j, rec in enumerate(layers) if rec is not None and rec.param_s > 0}
     params = dense_params + static_params + list(layer_params.values())
 
-    backward = 0.0
+    backward = 0.0  # the last micro-batch's backward (the planning window), with overlap
     if not ctx.overlap:
         for t in grads + params:
             t.done = t.exposed = t.seconds
-        backward = 2 * sum(fixed.dense_fwd) + sum(2 * expert_fwd(j) + 2 * layers[j].a2a_s
-                                                  for j in range(nl) if layers[j] is not None)
     else:
         link = Link()
 

@@ -9,7 +9,7 @@ from megatron_swiftmoe.sim.cluster import Cluster
 from megatron_swiftmoe.sim.cost import PARTS
 from megatron_swiftmoe.sim.model import ModelShape
 
-__all__ = ["format_report", "format_comparison", "explain"]
+__all__ = ["format_report", "format_comparison", "format_summary", "explain"]
 
 _PART_HEADS = {"expert": "expert", "a2a": "a2a", "dense": "dense", "dense_sync": "dsync",
                "expert_sync": "esync", "step": "step", "migration": "migr", "planning": "plan"}
@@ -199,4 +199,26 @@ def format_comparison(cells: list[dict], settings_line: Optional[str] = None) ->
                     f"{sw['parts_ms']['a2a'] - u['parts_ms']['a2a']:+.0f}", f"{sw['parts_ms']['planning']:.0f}",
                     _short(u, sw)]
             lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def format_summary(cells: list[dict]) -> str:
+    """One markdown row per (model, cluster), one column per workload: SwiftMoE's speedup over
+    static EP as users run it, and over static EP spread (when it differs)."""
+    workloads = list(cells[0]["rows"]) if cells else []
+    head = ["model", "cluster", "S", "EP users / spread"] + workloads
+    lines = ["SwiftMoE speedup per iteration over static EP as users run it / over static EP spread "
+             "(>1: SwiftMoE faster; one number when the two layouts coincide)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for cell in cells:
+        ep_u, ep_s = cell["ep_users"], cell["ep_spread"]
+        row = [cell["model"].name, cell["cluster"].name, str(cell["slots"]), f"{ep_u} / {ep_s}"]
+        for name in workloads:
+            r = cell["rows"][name]["strategies"]
+            swift = r["swiftmoe"]["time_ms"]
+            text = f"{r[f'static-ep{ep_u}']['time_ms'] / swift:.2f}"
+            if ep_s != ep_u:
+                text += f" / {r[f'static-ep{ep_s}']['time_ms'] / swift:.2f}"
+            row.append(text)
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
