@@ -16,9 +16,9 @@ import sys
 from typing import Optional, Sequence
 
 from megatron_swiftmoe.sim.cluster import cluster_names, get_cluster
-from megatron_swiftmoe.sim.compare import CompareSettings, compare, configure
+from megatron_swiftmoe.sim.compare import CompareSettings, compare
 from megatron_swiftmoe.sim.cost import (
-    METADATA_SCHEMES, REPLACEMENT_ORDERS, STRATEGIES, calibrate_mfu, check_strategy, simulate,
+    METADATA_SCHEMES, REPLACEMENT_ORDERS, STRATEGIES, calibrate_mfu, check_strategy, default_slots, simulate,
 )
 from megatron_swiftmoe.sim.model import BUILTIN_MODELS, load_model, model_names
 from megatron_swiftmoe.sim.report import format_comparison, format_report, format_summary
@@ -156,8 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.micro_batches:
             model = model.replace(global_batch_size=args.micro_batches * cluster.num_gpus * model.micro_batch_size)
         if args.model in BUILTIN_MODELS and args.slots_per_rank is None:
-            model = configure(model, cluster, CompareSettings(micro_batches=model.global_batch_size // (
-                cluster.num_gpus * model.micro_batch_size) or 1))
+            model = model.replace(slots_per_rank=default_slots(model.num_experts, cluster.num_gpus))
         if not args.trace:
             trace = make_workload(args.workload, model.num_experts, model.topk, iterations=args.iterations,
                                   layers=min(8, model.num_moe_layers), seed=args.seed)

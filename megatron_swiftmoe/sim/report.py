@@ -72,7 +72,8 @@ def format_report(result: dict) -> str:
     cluster = Cluster(**result["cluster"])
     model = ModelShape(**{k: v for k, v in result["model"].items() if k not in ("expert_params", "dense_params")})
     t, s = result["trace"], result["settings"]
-    plan = ("measured on this CPU by measure_planning for this run's " if s["planning_measured"] else "given: ")
+    plan = ("measured on this CPU (thread CPU time) by measure_planning for this run's " if s["planning_measured"]
+            else "given: ")
     if s["planning_measured"]:
         plan += f"N={cluster.num_gpus}, E={model.num_experts}, S={model.slots_per_rank}: "
     plan += (f"{s['planning_s_per_layer'] * 1e3:.2f} ms per layer and step (placement) + "
