@@ -3,8 +3,9 @@
 # train a small GPT-MoE with SwiftMoE on 2 CPU ranks, and plot expert popularity vs. replicas.
 #   bash scripts/quickstart.sh [extra pretrain_gpt flags, e.g. --train-iters 100 or --no-swiftmoe]
 # Every run writes its own directory, runs/quickstart/<date>-<time>-<swiftmoe|static>/ (metrics.jsonl,
-# swiftmoe_load.png), and runs/quickstart/latest points to the newest. RUN_DIR=DIR chooses the
-# directory instead. SWIFTMOE_PYTHON=/path/to/python uses that environment as it is (no setup).
+# swiftmoe_load.png), and runs/quickstart/latest points to the newest. QUICKSTART_RUNS=DIR puts them
+# under DIR instead of runs/quickstart; RUN_DIR=DIR names one run's directory.
+# SWIFTMOE_PYTHON=/path/to/python uses that environment as it is (no setup).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -n "${SWIFTMOE_PYTHON:-}" ]; then
@@ -21,15 +22,14 @@ for arg in "$@"; do
         --no-swiftmoe) STRATEGY=static ;;
     esac
 done
+RUNS=${QUICKSTART_RUNS:-runs/quickstart}
 if [ -z "${RUN_DIR:-}" ]; then
-    RUN_DIR=runs/quickstart/$(date +%Y%m%d-%H%M%S)-$STRATEGY
-    suffix=1
-    while [ -e "$RUN_DIR" ]; do RUN_DIR=${RUN_DIR%.*}.$((suffix++)); done  # two runs in one second
+    RUN_DIR=$RUNS/$(date +%Y%m%d-%H%M%S)-$STRATEGY
+    base=$RUN_DIR suffix=1
+    while [ -e "$RUN_DIR" ]; do RUN_DIR=$base.$((suffix++)); done  # two runs in one second
 fi
 mkdir -p "$RUN_DIR"
-case "$RUN_DIR" in
-    runs/quickstart/*) ln -sfn "$(basename "$RUN_DIR")" runs/quickstart/latest ;;
-esac
+[ "$(dirname "$RUN_DIR")" = "$RUNS" ] && ln -sfn "$(basename "$RUN_DIR")" "$RUNS/latest"
 TITLE="quickstart, $([ "$STRATEGY" = swiftmoe ] && echo SwiftMoE || echo 'static expert parallelism (--no-swiftmoe)')"
 
 "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 -m megatron_swiftmoe.pretrain_gpt \
