@@ -373,10 +373,12 @@ class SlotExperts(MegatronModule):
         return config.activation_func(x_glu) * (x_linear + config.glu_linear_offset)
 
     def kernel(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SlotKernel:
-        """The kernel these slots use on ``device`` (default: this process's compute device) in
-        ``dtype`` (default: the parameters' dtype)."""
-        device = torch.device(device) if device is not None else compute_device()
-        return slot_kernel(self.grouped_gemm, device, dtype or self.fc1.dtype)
+        """The kernel these slots use on ``device`` (default: the parameters' device, or this
+        process's compute device while they are still on the CPU) in ``dtype`` (default: the
+        parameters' dtype)."""
+        if device is None:
+            device = self.fc1.device if self.fc1.device.type != "cpu" else compute_device()
+        return slot_kernel(self.grouped_gemm, torch.device(device), dtype or self.fc1.dtype)
 
     def _transformer_engine_slots(self) -> _TransformerEngineSlots:
         te = self.__dict__.get("_te_slots")
