@@ -85,3 +85,29 @@ def test_short_quickstart_runs_each_write_their_own_directory_and_plot(tmp_path)
         assert all(sum(r) == (12 if strategy == "swiftmoe" else 8) for r in replicas)  # 2 x 6 slots; 8 experts
         assert (run_dir / "swiftmoe_load.png").stat().st_size > 10_000
         assert "layer 1: mean max/mean rank load" in done.stdout  # both MoE layers plotted
+
+
+def test_missing_data_path_files_are_named_before_any_process_group(tmp_path, capsys):
+    import importlib.util
+    from types import SimpleNamespace
+
+    from megatron_swiftmoe.training.arguments import parse_args
+
+    with pytest.raises(SystemExit):  # the trainer (parse_args runs before any process group)
+        parse_args(["--config", str(REPO / "configs" / "tiny_cpu.yaml"), "--data-path", str(tmp_path / "corpus"),
+                    "--tokenizer-model", str(REPO / "README.md")], world_size=2)
+    assert f"--data-path {tmp_path / 'corpus'}: no {tmp_path / 'corpus'}.bin or {tmp_path / 'corpus'}.idx" in (
+        capsys.readouterr().err)
+    # The Megatron-LM plugin's check (megatron_lm/startup.py, loaded alone: the package would bind
+    # itself into Megatron-LM): blends, weights, other splits; mock data needs no files.
+    spec = importlib.util.spec_from_file_location("startup", REPO / "megatron_swiftmoe" / "megatron_lm" / "startup.py")
+    startup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(startup)
+    (tmp_path / "a.bin").write_bytes(b"")
+    (tmp_path / "a.idx").write_bytes(b"")
+    (tmp_path / "b.bin").write_bytes(b"")
+    a, b, c = (str(tmp_path / name) for name in "abc")
+    args = SimpleNamespace(mock_data=False, data_path=["0.7", a, "0.3", b], train_data_path=None,
+                           valid_data_path=[c], test_data_path=None)
+    assert startup.missing_data_paths(args) == [b, c]
+    assert startup.missing_data_paths(SimpleNamespace(mock_data=True, data_path=[c])) == []
