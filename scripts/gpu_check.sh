@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: one command, about 8 minutes on one GPU (world size 1, NCCL), bf16.
-#   1. SwiftMoE's slots: grouped GEMM vs a loop over slots, TFLOP/s (scripts/bench_slot_gemm.py);
+#   1. SwiftMoE's slots: the kernel --swiftmoe-grouped-gemm auto / on picks here (Transformer
+#      Engine, torch._grouped_mm or the loop, and why), then grouped vs loop TFLOP/s
+#      (scripts/bench_slot_gemm.py);
 #   2. this project's trainer, GPT-Small-shaped MoE (configs/gpt_small_moe.yaml), grouped GEMM:
 #      tokens/s and peak GPU memory;
 #   3. Megatron-LM's own pretrain_gpt.py (patched copy of $MEGATRON_LM_DIR) with --swiftmoe and
@@ -21,7 +23,7 @@ mkdir -p "$OUT_DIR"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
 "$PY" -c "import megatron.core; print('megatron-core', megatron.core.__version__)"
 
-echo "== 1. slot experts: grouped GEMM vs loop (bf16)"
+echo "== 1. slot experts: kernel choice, grouped GEMM vs loop (bf16)"
 "$PY" scripts/bench_slot_gemm.py --slots 8 --tokens 65536 --hidden 768 --ffn 3072
 
 SHAPE=(--config configs/gpt_small_moe.yaml --mock-data --train-iters 40 --log-interval 10 --eval-iters 0

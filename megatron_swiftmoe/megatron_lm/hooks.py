@@ -34,6 +34,7 @@ from megatron_swiftmoe.core.layer import swiftmoe_layers, swiftmoe_spec
 from megatron_swiftmoe.core.optimizer import refresh_slots
 from megatron_swiftmoe.megatron_lm import arguments as swiftmoe_arguments
 from megatron_swiftmoe.megatron_lm import checkpointing as swiftmoe_checkpointing
+from megatron_swiftmoe.megatron_lm import startup
 from megatron_swiftmoe.megatron_lm.optimizer import chain_with_experts
 from megatron_swiftmoe.training.agreement import AgreedError
 
@@ -177,6 +178,7 @@ def _get_megatron_optimizer(original):
             group=parallel_state.get_data_parallel_group(),
             pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
         )
+        startup.announce(model_chunks, _args())
         return chain_with_experts(dense, config, model_chunks)
 
     return get_megatron_optimizer
@@ -348,6 +350,7 @@ def install() -> None:
     _rebind([checkpointing, training], "save_checkpoint", _save_checkpoint)
     _rebind([checkpointing, training], "load_checkpoint", _load_checkpoint)
     _rebind([checkpointing], "_build_sharded_state_dict_metadata", _sharded_metadata)
+    startup.hide_unknown_mlp_notice(_active)
     training._swiftmoe_installed = True
 
 

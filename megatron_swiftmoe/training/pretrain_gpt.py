@@ -226,8 +226,10 @@ class Trainer:
         num_params = sum(p.numel() for p in self.model.parameters())
         stages = (f"{args.pipeline_model_parallel_size} pipeline stages x {args.data_parallel_size} data-parallel "
                   "ranks" if args.pipeline_model_parallel_size > 1 else f"{args.world_size} ranks")
+        kernel = self.moe_layers[0].experts.kernel(self.device) if args.swiftmoe and self.moe_layers else None
         log0(f"> model: {num_params / 1e6:.2f}M parameters on this rank, "
-             f"{'SwiftMoE' if args.swiftmoe else 'static expert parallelism'}, {stages}, {self.device}")
+             f"{'SwiftMoE' if args.swiftmoe else 'static expert parallelism'}, {stages}, {self.device}"
+             + (f"; expert slots: {kernel.describe()}" if kernel else ""))
 
     # ---- checkpoints
 
