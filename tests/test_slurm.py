@@ -18,6 +18,8 @@ import pytest
 
 from tests.megatron_lm import CPU_FLAGS, REPO, Run, TREES, checkout, environment, skip_reason, source_tree, tiny_moe
 
+pytestmark = pytest.mark.one_version  # not version-dependent: CI's first environment only
+
 TIMEOUT_S = 600
 
 SRUN = '''#!{python}
@@ -25,7 +27,6 @@ SRUN = '''#!{python}
 SLURM_NODEID / SLURM_PROCID as on each node; options are recorded in $SRUN_LOG, not applied."""
 import json, os, subprocess, sys
 
-pytestmark = pytest.mark.one_version  # not version-dependent: CI's first environment only
 
 args = sys.argv[1:]
 options = []
