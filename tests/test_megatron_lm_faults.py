@@ -191,3 +191,51 @@ def test_out_of_space_while_saving_names_the_file_and_keeps_the_previous_checkpo
 
     for rank_state in (previous / "swiftmoe").glob("*.pt"):
         assert sha256_file(rank_state) == rank_state.with_name(rank_state.name + ".sha256").read_text().strip()
+
+
+# ---------------------------------------------------------------- code-running pickles
+
+REFUSALS = """
+import json, sys, torch
+from pathlib import Path
+from megatron_swiftmoe.megatron_lm import checkpointing
+from megatron_swiftmoe.training.checkpointing import sha256_file
+
+class RunsCode:  # a pickle whose loading runs code (here: it creates a file)
+    def __reduce__(self):
+        return exec, (f"open({str(folder / 'marker')!r}, 'w').write('ran')",)
+
+folder, messages = Path(sys.argv[1]), []
+rank_file = checkpointing.rank_file(folder / "iter_0000003", 0, 0)
+rank_file.parent.mkdir(parents=True)
+torch.save({"layout": {}, "payload": RunsCode()}, rank_file)
+rank_file.with_name(rank_file.name + ".sha256").write_text(sha256_file(rank_file))
+args = type("Args", (), {"data_parallel_size": 1, "swiftmoe_slots_per_rank": 2})
+try:
+    checkpointing.read_rank_state(folder / "iter_0000003", 0, 0, args)
+except checkpointing.SwiftMoECheckpointError as error:
+    messages.append(str(error))
+with checkpointing.unpickling_refusals_explained():
+    try:
+        torch.load(rank_file)  # as Megatron's own load calls it
+    except Exception as error:
+        messages.append(str(error))
+print(json.dumps(messages))
+"""
+
+
+def test_code_running_pickles_are_refused_saying_why(tree, tmp_path):
+    """SwiftMoE's per-rank file, and what Megatron prints when SwiftMoE loads: why the file was
+    refused, without PyTorch's advice to load it with weights_only=False (which runs it)."""
+    import json
+
+    done = subprocess.run([sys.executable, "-c", REFUSALS, str(tmp_path)], cwd=tree, env=environment(tree),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    messages = json.loads(done.stdout.splitlines()[-1])
+    assert len(messages) == 2, messages
+    for message in messages:
+        assert f"refusing to load {tmp_path / 'iter_0000003' / 'swiftmoe' / 'pp000_dp00000.pt'}" in message
+        assert "(WeightsUnpickler error: Unsupported global: GLOBAL exec was not an allowed global by default.)" in message
+        assert "could run code when loaded" in message and "weights_only" not in message
+    assert not (tmp_path / "marker").exists()
