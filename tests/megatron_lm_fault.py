@@ -2,8 +2,9 @@
 
     torchrun --nproc-per-node N /path/to/tests/megatron_lm_fault.py PRETRAIN_FLAGS...
 
-run in the checkout, with ``SWIFTMOE_TEST_FAULT=KIND:RANK:ITERATION`` in the environment. Rank
-``RANK``, in training iteration ``ITERATION`` (Megatron's numbering, from 1), does ``KIND``:
+run in the checkout, with ``SWIFTMOE_TEST_FAULT=KIND:RANK:ITERATION[,KIND:RANK:ITERATION...]`` in
+the environment. Rank ``RANK``, in training iteration ``ITERATION`` (Megatron's numbering, from 1),
+does ``KIND``:
 
 * ``nan``: writes a NaN into one gradient of expert slot 0 of its first SwiftMoE layer, after
   the backward pass (before Megatron finalises the gradients), in every run of the iteration
@@ -39,9 +40,7 @@ def _now(rank: int, iteration: int) -> bool:
     return int(os.environ["RANK"]) == rank and get_args().curr_iteration + 1 == iteration
 
 
-def main() -> None:
-    kind, rank, iteration = os.environ["SWIFTMOE_TEST_FAULT"].split(":")
-    rank, iteration = int(rank), int(iteration)
+def inject(kind: str, rank: int, iteration: int) -> None:
     if kind == "nan":
         finalize = training.finalize_model_grads
 
@@ -73,6 +72,12 @@ def main() -> None:
         checkpointing.open = full_disk_open  # the name the checkpoint writer opens its files with
     else:
         assert kind == "enospc", kind
+
+
+def main() -> None:
+    for fault in os.environ["SWIFTMOE_TEST_FAULT"].split(","):
+        kind, rank, iteration = fault.split(":")
+        inject(kind, int(rank), int(iteration))
     sys.argv = ["pretrain_gpt.py", *sys.argv[1:]]
     runpy.run_path("pretrain_gpt.py", run_name="__main__")
 

@@ -231,7 +231,9 @@ def test_save_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path, monkey
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(finished.stdout)
     cases = {  # lock record -> why its owner is gone (None: alive)
-        "same_host_dead": (dict(host=socket.gethostname(), pid=dead_pid), f"its process {dead_pid} on this host"),
+        "same_host_dead": (dict(host=socket.gethostname(), pid=dead_pid,
+                                process_namespace=savelock._process_namespace()), f"its process {dead_pid} on this host"),
+        "other_container_same_name": (dict(host=socket.gethostname(), pid=dead_pid, process_namespace="other"), None),
         "other_host_fresh": (dict(host="node-a"), None),
         "other_host_stale": (dict(host="node-a", stale_after_s=60.0), "its heartbeat stopped"),
         "slurm_requeued": (dict(host="node-a", slurm_job_id="4242", slurm_restart_count=0), "earlier incarnation"),
@@ -243,7 +245,7 @@ def test_save_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path, monkey
             os.utime(path, (time.time() - 61, time.time() - 61))
         lock = savelock.SaveLock(tmp_path / name)
         if gone is None:
-            with pytest.raises(savelock.SaveDirectoryInUse, match="host node-a, process id 1"):
+            with pytest.raises(savelock.SaveDirectoryInUse, match=f"host {record['host']}, process id {record.get('pid', 1)}"):
                 lock.acquire()
             continue
         notice = lock.acquire()

@@ -171,15 +171,20 @@ def test_truncated_distcp_file_is_named_with_its_iteration(tree, nan_run, tmp_pa
     assert "CheckpointException" not in run.output and iterations_logged(run) == []
 
 
-# ---------------------------------------------------------------- a full disk
+# ---------------------------------------------------------------- a full disk (and a skipped NaN step)
 
 
 def test_out_of_space_while_saving_names_the_file_and_keeps_the_previous_checkpoint(tree, tmp_path):
+    """Two faults in one run: with --no-check-for-nan-in-loss-and-grad a NaN in iteration 1 skips
+    that step (nothing stepped); then the save of iteration 2 finds a full disk on rank 0."""
     save = tmp_path / "ckpt"
     flags = [*tiny_moe(**{"train-iters": 2}), *SWIFTMOE, "--ckpt-format", "torch", "--save", str(save),
-             "--save-interval", "1"]
-    run = with_fault(tree, "enospc:0:2", tmp_path, *flags)
+             "--save-interval", "1", "--no-check-for-nan-in-loss-and-grad"]
+    run = with_fault(tree, "nan:1:1,enospc:0:2", tmp_path, *flags)
     assert run.returncode != 0
+    assert re.search(r"> SwiftMoE: grad norm nan: NaN or Inf in the expert gradients of rank 1: transformer layer 1, "
+                     r"slot 0 \(expert \d+\): NaN; step skipped \(--no-check-for-nan-in-loss-and-grad\)", run.output)
+    assert re.search(r"iteration\s+1/\s+2 \|.*number of skipped iterations:\s+1 \|", run.output), run.output[-5000:]
     named = (f"error: rank 0: saving the checkpoint of iteration 2 to {save}: cannot write "
              f"{save / 'iter_0000002' / 'mp_rank_00' / 'model_optim_rng.pt'}: No space left on device (ENOSPC)")
     assert run.output.count(named) == 1, run.output[-5000:]
@@ -191,6 +196,8 @@ def test_out_of_space_while_saving_names_the_file_and_keeps_the_previous_checkpo
 
     for rank_state in (previous / "swiftmoe").glob("*.pt"):
         assert sha256_file(rank_state) == rank_state.with_name(rank_state.name + ".sha256").read_text().strip()
+        state = torch.load(rank_state, weights_only=True)
+        assert all(bool(torch.isfinite(t).all()) for t in state["expert_shards"])  # the skipped step stepped nothing
 
 
 # ---------------------------------------------------------------- code-running pickles

@@ -138,6 +138,8 @@ def check_before_load(load_dir: Optional[str], args) -> None:
     the ``.metadata`` refers to, present and as long as it records. Raises
     :class:`SwiftMoECheckpointError`.
     """
+    if getattr(args, "non_persistent_ckpt_type", None):
+        return  # Megatron may load a newer non-persistent checkpoint instead of the tracker's
     found = iteration_to_load(load_dir)
     if found is None:
         return

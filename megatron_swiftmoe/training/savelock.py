@@ -14,8 +14,9 @@ background thread, and removes it when the process exits.
 
 **When is the owner dead?** A lock is stale, and the next run takes it over with a notice, when
 
-* its owner ran on this host and that process no longer exists (process id, and its start time
-  where ``/proc`` has it, so a reused id does not count as alive);
+* its owner ran on this host (and in this process-id namespace: not another container) and that
+  process no longer exists (process id, and its start time where ``/proc`` has it, so a reused
+  id does not count as alive);
 * its owner was an earlier incarnation of this SLURM job (same job id, lower
   ``SLURM_RESTART_COUNT``: SLURM has ended it before requeueing);
 * or, on any host, its heartbeat is older than :data:`STALE_AFTER_S` seconds (300 by default, or
@@ -61,6 +62,16 @@ def _process_start(pid: int) -> Optional[int]:
         return None
 
 
+def _process_namespace() -> Optional[str]:
+    """This boot and process-id namespace (Linux): where a process id means the same process.
+    Containers that share a host name (host networking) differ here."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
 def _this_run() -> dict[str, Any]:
     env = os.environ
     return {
@@ -68,6 +79,7 @@ def _this_run() -> dict[str, Any]:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "process_start": _process_start(os.getpid()),
+        "process_namespace": _process_namespace(),
         "slurm_job_id": env.get("SLURM_JOB_ID"),
         "slurm_restart_count": int(env.get("SLURM_RESTART_COUNT", 0) or 0),
         "started": time.time(),
@@ -105,7 +117,8 @@ def _read(path: Path) -> tuple[Optional[dict[str, Any]], Optional[float]]:
 
 def why_gone(owner: dict[str, Any], heartbeat_age: float, me: dict[str, Any]) -> Optional[str]:
     """Why the owner of a lock is gone, or None if it may be alive."""
-    if owner.get("host") == me["host"] and isinstance(owner.get("pid"), int):
+    here = owner.get("host") == me["host"] and owner.get("process_namespace") == me["process_namespace"]
+    if here and isinstance(owner.get("pid"), int):
         try:
             os.kill(owner["pid"], 0)
             started = owner.get("process_start")
