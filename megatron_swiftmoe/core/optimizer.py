@@ -59,6 +59,22 @@ def param_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
     return param.main_grad if hasattr(param, "main_grad") else param.grad
 
 
+class NonFiniteGradients(RuntimeError):
+    """Gradients with a NaN or Inf, found before the optimizer step (nothing was stepped).
+
+    Raised on every rank at once, with the same message (:func:`describe_nonfinite_grads`):
+    the gradient norm that finds them is reduced over all ranks.
+    """
+
+    def at_iteration(self, iteration: int) -> str:
+        """The message for the user, with the iteration the run stopped at."""
+        return (
+            f"non-finite gradients at iteration {iteration}, found before the optimizer step: {self}. Nothing of "
+            "this iteration was stepped or saved; the last checkpoint is from before it. Find the cause (learning "
+            "rate, this iteration's data, a faulty device) before resuming"
+        )
+
+
 class DynamicLossScaler:
     """fp16 loss scaling: halve on overflow, double after ``growth_interval`` clean steps."""
 
@@ -216,6 +232,27 @@ class ExpertShards:
         return send.numel() * send.element_size()
 
     @torch.no_grad()
+    def nonfinite_grad_experts(self) -> torch.Tensor:
+        """Experts whose shard gradient on this rank holds a NaN or Inf, ``[k]`` (local, no
+        collective). Valid once the reduction into ``master.grad`` has completed."""
+        if self.master.grad is None:
+            return torch.zeros(0, dtype=torch.long)
+        return (~torch.isfinite(self.master.grad).all(dim=1)).nonzero().flatten().cpu()
+
+    @torch.no_grad()
+    def nonfinite_slots(self) -> dict[int, str]:
+        """Local slots whose gradient holds a NaN or Inf: ``{slot: "NaN" or "Inf"}`` (local):
+        where a non-finite shard gradient came from, while the slot gradients are still there
+        (until ``zero_grad``)."""
+        experts = self.layer.experts
+        grads = [param_grad(p) for p in (experts.fc1, experts.fc2)]
+        if any(grad is None for grad in grads):
+            return {}
+        flat = experts.flat_slots(*grads)
+        bad = (~torch.isfinite(flat).all(dim=1)).nonzero().flatten().tolist()
+        return {slot: "NaN" if bool(flat[slot].isnan().any()) else "Inf" for slot in bad}
+
+    @torch.no_grad()
     def migrate(self, next_placement: torch.Tensor, adam_state: dict) -> tuple[int, int]:
         """FlexMoE-like re-plan: move each newly placed expert's params and optimizer state.
 
@@ -305,6 +342,35 @@ class StepStats:
     skipped: bool = False
     bytes_sent: dict[str, int] = field(default_factory=dict)
     migration_peak_bytes: int = 0  # extra memory of a FlexMoE-like migration (send + receive)
+
+
+def describe_nonfinite_grads(shards_list: list[ExpertShards]) -> str:
+    """Where the non-finite gradients are, the same text on every rank (collective over the
+    world: call it on every rank, once a gradient norm reduced over all ranks was not finite).
+
+    Names each rank whose expert slots hold a NaN or Inf, with the layer, slot and expert; if no
+    slot gradient is left to look at, the ranks whose shards received them; if neither, the
+    dense (non-expert) gradients.
+    """
+    slots, shards = [], []
+    for index, layer_shards in enumerate(shards_list):
+        number = layer_shards.layer.layer_number
+        layer = f"transformer layer {number}" if number is not None else f"MoE layer {index}"
+        experts = layer_shards.layer.slot_experts.cpu()
+        slots += [f"{layer}, slot {slot} (expert {int(experts[slot])}): {kind}"
+                  for slot, kind in layer_shards.nonfinite_slots().items()]
+        reduced = layer_shards.nonfinite_grad_experts()
+        if len(reduced):
+            shards.append(f"{layer}, its shard of expert(s) {reduced.tolist()}")
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (slots, shards))
+    found = [[f"rank {rank}: {where}" for rank, places in enumerate(everyone) for where in places[kind]]
+             for kind in (0, 1)]
+    lines = found[0] or found[1]  # where they came from, else where they arrived
+    if not lines:
+        return "NaN or Inf in the dense (non-expert) gradients; every expert gradient is finite"
+    shown = lines[:8] + ([f"... and {len(lines) - 8} more"] if len(lines) > 8 else [])
+    return "NaN or Inf in the expert gradients of " + "; ".join(shown)
 
 
 def refresh_slots(shards_list: list[ExpertShards]) -> None:
@@ -428,6 +494,10 @@ class SwiftMoEOptimizer:
         sent["expert_grad"] = sum(s.reduce_scatter_grads() for s in self.expert_shards)
 
         stats.grad_norm, stats.skipped = self._unscale_and_norm()
+        if stats.skipped and not self.loss_scaler:
+            # fp16 loss scaling skips such a step (a signal to lower the scale); otherwise they
+            # stop the run before anything is stepped (the norm is the same on every rank).
+            raise NonFiniteGradients(describe_nonfinite_grads(self.expert_shards))
         if self.loss_scaler:
             self.loss_scaler.update(stats.skipped)
         if not stats.skipped:

@@ -20,6 +20,7 @@ layers' ``expert_shard``), so ``--no-load-optim`` keeps them.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import torch
@@ -28,7 +29,9 @@ import torch.distributed as dist
 from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer
 
 from megatron_swiftmoe.core.layer import swiftmoe_layers
-from megatron_swiftmoe.core.optimizer import ExpertShards, attach_main_grad, refresh_slots
+from megatron_swiftmoe.core.optimizer import (
+    ExpertShards, NonFiniteGradients, attach_main_grad, describe_nonfinite_grads, refresh_slots,
+)
 
 
 class SwiftMoEExpertOptimizer(MegatronOptimizer):
@@ -208,13 +211,44 @@ def _flat_items(state: dict):
 class SwiftMoEChainedOptimizer(ChainedOptimizer):
     """Megatron's ``ChainedOptimizer`` whose last member is the expert optimizer.
 
-    The one difference: under fp16 an overflow in the expert gradients also backs off the
-    dense optimizer's loss scale (Megatron's scaler only sees its own gradients).
+    Two differences:
+
+    * under fp16 an overflow in the expert gradients also backs off the dense optimizer's loss
+      scale (Megatron's scaler only sees its own gradients);
+    * a gradient norm that is not finite (it covers every expert shard, after the reduction, and
+      every dense gradient) never reaches a step: with ``stop_on_nonfinite`` (Megatron's
+      ``--check-for-nan-in-loss-and-grad``, the default) :class:`NonFiniteGradients` is raised on
+      every rank, naming where the NaN or Inf is; without it the step is skipped, as a loss-scale
+      overflow is (Megatron counts a skipped iteration). fp16 with dynamic loss scaling finds
+      overflows in :meth:`prepare_grads` first, and skips.
     """
+
+    stop_on_nonfinite = True
+    _nonfinite = False
 
     @property
     def experts(self) -> SwiftMoEExpertOptimizer:
         return self.chained_optimizers[-1]
+
+    @torch.no_grad()
+    def get_grad_norm(self):
+        grad_norm = super().get_grad_norm()
+        self._nonfinite = grad_norm is not None and not math.isfinite(grad_norm)
+        if self._nonfinite:  # the same norm on every rank: every rank is here
+            where = describe_nonfinite_grads(self.experts.shards)
+            if self.stop_on_nonfinite:
+                raise NonFiniteGradients(where)
+            if dist.get_rank() == 0:
+                print(f"> SwiftMoE: grad norm {grad_norm}: {where}; step skipped "
+                      "(--no-check-for-nan-in-loss-and-grad)", flush=True)
+        return grad_norm
+
+    @torch.no_grad()
+    def step_with_ready_grads(self) -> bool:
+        if self._nonfinite:
+            self._nonfinite = False
+            return False  # nothing stepped: a skipped iteration
+        return super().step_with_ready_grads()
 
     @torch.no_grad()
     def prepare_grads(self) -> bool:
@@ -237,10 +271,13 @@ def _forced_overflow(scaler):
         scaler.update = update
 
 
-def chain_with_experts(dense: MegatronOptimizer, config, model_chunks: list) -> SwiftMoEChainedOptimizer:
+def chain_with_experts(dense: MegatronOptimizer, config, model_chunks: list,
+                       stop_on_nonfinite: bool = True) -> SwiftMoEChainedOptimizer:
     """Megatron's optimizer(s) for everything but the slots, plus the expert optimizer."""
     members = list(dense.chained_optimizers) if isinstance(dense, ChainedOptimizer) else [dense]
     experts = SwiftMoEExpertOptimizer(config, model_chunks, loss_scale_source=members[0])
-    return SwiftMoEChainedOptimizer([*members, experts])
+    chained = SwiftMoEChainedOptimizer([*members, experts])
+    chained.stop_on_nonfinite = stop_on_nonfinite
+    return chained
 
 

@@ -178,11 +178,14 @@ class Trainer:
         from megatron_swiftmoe.training.arguments import padded_vocab_size, print_args, transformer_config_from_args
         from megatron_swiftmoe.training.model import build_model, moe_layers
         from megatron_swiftmoe.training.monitor import MetricsWriter, MoELoadMonitor
+        from megatron_swiftmoe.training.savelock import take_save_lock
         from megatron_swiftmoe.core.optimizer import DynamicLossScaler, SwiftMoEOptimizer
 
         self.args = args
         if dist.get_rank() == 0:
             print_args(args)
+        # Before anything is written: a second run on this --save directory stops here.
+        self.save_lock = take_save_lock(args.save, dist.get_rank() == 0, log0)
         self.device = compat.default_device()
         vocab_size, self.train_data, self.valid_data = build_data(args)
         args.padded_vocab_size = padded_vocab_size(vocab_size, args)
@@ -248,7 +251,8 @@ class Trainer:
         from megatron_swiftmoe.training.checkpointing import save_checkpoint
 
         start = time.time()
-        path = save_checkpoint(self.args.save, self.iteration, self.args, self.state())
+        guard = self.save_lock.verify if self.save_lock else None
+        path = save_checkpoint(self.args.save, self.iteration, self.args, self.state(), guard=guard)
         log0(f"> saved checkpoint {path} ({time.time() - start:.1f}s)")
 
     def load(self) -> None:
@@ -316,7 +320,7 @@ class Trainer:
         clear_aux_losses_tracker()
         layers = self.monitor.collect()
         middle = time.time()
-        stats = self.optimizer.step()
+        stats = self.step_optimizer()
         self.scheduler.step(1)
         end = time.time()
         self.iteration += 1
@@ -347,6 +351,16 @@ class Trainer:
             peak_memory_bytes=int(peak[1].item()),
             layers=layers,
         )
+
+    def step_optimizer(self):
+        """The optimizer step; non-finite gradients (the same on every rank) stop the run."""
+        from megatron_swiftmoe.core.optimizer import NonFiniteGradients
+        from megatron_swiftmoe.training.agreement import AgreedError
+
+        try:
+            return self.optimizer.step()
+        except NonFiniteGradients as error:
+            raise AgreedError(error.at_iteration(self.iteration + 1)) from None
 
     def all_reduce_sum(self, values: list[torch.Tensor]) -> list[float]:
         if not values:
@@ -436,6 +450,8 @@ class Trainer:
         if args.save and (not args.save_interval or self.iteration % args.save_interval):
             self.save()
         agree("closing the metrics", self.metrics.close)  # rank 0's file: the last step that can fail on one rank
+        if self.save_lock:
+            self.save_lock.release()
         log0(f"> done: {self.iteration} iterations; metrics in {args.metrics_path}")
 
 
