@@ -29,7 +29,8 @@ Families: popularity vectors (zipf 0.5-2.0, lognormal 0.5-2.0, one-hot, uniform)
     placement and the EPLB-style one: the realised largest rank total (the quotas: every slot
     receives exactly its quota) over the exact optimum. The optimum is bounded from below by
     ``split_lower_bound`` of a long run of ``rank_quota`` (256 rounds), and computed exactly
-    by max flows (networkx) where that bound is more than 0.1% below ours.
+    by max flows (networkx) where that bound is more than 0.5% below ours (else the gap shown
+    is an upper bound).
 
 Trace (metrics JSONL files of pretrain_gpt, with ``microbatch_tokens_per_expert``): per MoE
 layer and iteration i >= 2, the placement planned from iteration i-1's popularity (as the
@@ -160,7 +161,7 @@ def exact_optimum(totals: torch.Tensor, placement: torch.Tensor, ceiling: int) -
     return lo
 
 
-def certified_optimum(totals: torch.Tensor, placement: torch.Tensor, realised: int, slack: float = 1e-3) -> int:
+def certified_optimum(totals: torch.Tensor, placement: torch.Tensor, realised: int, slack: float = 5e-3) -> int:
     """The exact optimum where ``realised`` is more than ``slack`` above the certificate of a
     long rank_quota run, else that certificate (a lower bound: the gap is then overstated)."""
     n = placement.shape[0]

@@ -56,7 +56,7 @@ SPLIT_RULES = ("rank", "replica")
 #: Balancing rounds of ``rank_quota`` (measured: ``scripts/bench_placement.py --families``).
 QUOTA_ROUNDS = 4
 QUOTA_STEP = 1.0
-#: ``place``: noise on the rank loads before each dealing round, relative to the round's mean
+#: ``place``: noise on the rank loads before each dealing round, relative to the round's median
 #: replica weight, and the number of heavy/light swap passes after the rounds.
 PLACE_JITTER = 0.005
 PLACE_SWAP_PASSES = 4
@@ -308,7 +308,7 @@ def place(
     first expert of a round can have copies in the round before; ranks already holding
     ceil(counts_e / N) of them take it last, so no rank holds two copies while counts_e <= N
     (unless the straddling copies outnumber the other ranks). The loads are sorted with a small
-    fixed jitter (``jitter`` x the round's mean weight): without it, ranks whose loads tie take
+    fixed jitter (``jitter`` x the round's median weight): without it, ranks whose loads tie take
     consecutive replicas round after round and end up holding the same experts, a placement in
     which the split balances slowly and less (``rank_quota``).
 
@@ -330,8 +330,9 @@ def place(
     cap = -(-counts // n)
     first = items[:, 0].contiguous()  # the only expert of a round that can straddle two
     first_cap = cap.index_select(0, first)
-    penalty = item_weight.sum() + 1.0  # ranks full for it sort last
-    shake = jitter * item_weight.mean(1, keepdim=True) * _jitter(n, s, device)  # [S, N]
+    # No sums: exact whatever the reduction order (every rank must get the same keys).
+    penalty = 2 * s * weight.max() + 1.0  # ranks full for it sort last
+    shake = jitter * item_weight[:, n // 2, None] * _jitter(n, s, device)  # [S, N]; the round's median
     out = torch.empty(n, s, dtype=torch.int64, device=device)
     load = torch.zeros(n, dtype=torch.float64, device=device)
     for k in range(s):
