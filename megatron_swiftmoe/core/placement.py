@@ -335,9 +335,12 @@ def place(
     shake = jitter * item_weight[:, n // 2, None] * _jitter(n, s, device)  # [S, N]; the round's median
     out = torch.empty(n, s, dtype=torch.int64, device=device)
     load = torch.zeros(n, dtype=torch.float64, device=device)
+    straddles = [False] + (items[1:, 0] == items[:-1, -1]).tolist()
     for k in range(s):
-        full = (out[:, :k] == first[k]).sum(1) >= first_cap[k]
-        ranks = torch.argsort(load + shake[k] + penalty * full, stable=True)
+        key = load + shake[k]
+        if straddles[k]:
+            key += penalty * ((out[:, :k] == first[k]).sum(1) >= first_cap[k])
+        ranks = torch.argsort(key, stable=True)
         out[:, k].index_copy_(0, ranks, items[k])
         load.index_add_(0, ranks, item_weight[k])  # a permutation: one addition per rank
     single = bool((cap == 1).all())
@@ -469,8 +472,8 @@ def rank_quota(
     ranks (0 for one host): a rank's excess goes mostly to its hottest flexible expert, which
     spreads it over the most ranks. If that ends with a larger maximum than the equal split
     (possible where clamping stops the descent), the equal split is kept. Then integers per
-    expert (``_round``): each pool within 1 of its fractional share, so each rank total within S
-    of its fractional one.
+    expert (``_round``: cumulative rounding): each pool within 1 of its fractional share, so
+    each rank total within S of its fractional one.
 
     An approximation of the exact min-max (a flow problem): measured against the exact optimum
     (``scripts/bench_placement.py --families``), on placements from ``place``, the largest rank
@@ -478,6 +481,11 @@ def rank_quota(
     on ``place(..., jitter=0)`` or the paper's contiguous layout, where many ranks hold the same
     experts, a few rounds leave percents (measured: the README).
     """
+    return _sorted_rank_quota(totals, layout, rounds, step).index_select(0, layout.position)
+
+
+def _sorted_rank_quota(totals: torch.Tensor, layout: SplitLayout, rounds: int, step: float) -> torch.Tensor:
+    """``rank_quota`` in sorted order."""
     n, s = layout.num_ranks, layout.slots_per_rank
     t = totals.to(torch.float64)
     flat_t = t.index_select(0, layout.slot_expert).view(n, s)
@@ -497,18 +505,18 @@ def rank_quota(
     scale = t / _segment_sum(x.view(-1).index_select(0, layout.by_expert), layout).clamp_(min=1e-300)
     worse = (x * scale.index_select(0, layout.slot_expert).view(n, s)).sum(1).max() > equal.sum(1).max()
     x = torch.where(worse, equal, x)
-    quota = _round(x.view(-1).index_select(0, layout.by_expert), t.index_select(0, layout.sorted_expert), layout)
-    return quota.index_select(0, layout.position)
+    return _round(x.view(-1).index_select(0, layout.by_expert), t.index_select(0, layout.sorted_expert), layout)
 
 
 def _round(shares: torch.Tensor, totals: torch.Tensor, layout: SplitLayout) -> torch.Tensor:
     """Integer quotas from shares, both [F] in sorted order (totals: T of each slot's expert,
-    float64): per expert, the floor of T_e * (share so far / all its shares), differenced.
+    float64): per expert, T_e * (share so far / all its shares) rounded, differenced.
     Shares are non-negative and positive somewhere for T_e > 0."""
     scan = torch.nn.functional.pad(torch.cumsum(shares, 0), (1, 0))
     start = scan.index_select(0, layout.segment_start)
     whole = scan.index_select(0, layout.segment_end) - start
-    cumulative = torch.floor((scan[1:] - start) / whole.clamp_(min=1e-300) * totals).to(torch.int64)
+    # Nearest, not floor: a floor would give every fraction to each expert's last pool.
+    cumulative = torch.floor((scan[1:] - start) / whole.clamp_(min=1e-300) * totals + 0.5).to(torch.int64)
     return cumulative - torch.nn.functional.pad(cumulative[:-1], (1, 0)).masked_fill_(layout.segment_first, 0)
 
 
@@ -532,8 +540,12 @@ def plan_split(totals: torch.Tensor, own: torch.Tensor, layout: SplitLayout, rul
     """
     if rule not in SPLIT_RULES:
         raise ValueError(f"split rule must be one of {SPLIT_RULES}, got {rule!r}")
-    quota = rank_quota(totals, layout) if rule == "rank" else replica_quota(totals, layout)
-    sorted_quota = quota.index_select(0, layout.by_expert)
+    if rule == "rank":
+        sorted_quota = _sorted_rank_quota(totals, layout, QUOTA_ROUNDS, QUOTA_STEP)
+        quota = sorted_quota.index_select(0, layout.position)
+    else:
+        quota = replica_quota(totals, layout)
+        sorted_quota = quota.index_select(0, layout.by_expert)
     before = torch.cumsum(sorted_quota, 0) - sorted_quota
     earlier_in_pool = before - before.index_select(0, layout.pool_start)
     own = own.reshape(-1).to(torch.int64).index_select(0, layout.by_expert)
