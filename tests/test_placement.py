@@ -327,6 +327,25 @@ def test_place_mixes_ranks() -> None:
     assert rows(place(pop, counts, 256, 4)) > 2 * rows(place(pop, counts, 256, 4, jitter=0.0))
 
 
+@pytest.mark.parametrize(
+    ("pop", "n", "s"),
+    [
+        (torch.zeros(6, dtype=torch.int64), 4, 3),  # all zero: as uniform
+        (torch.tensor([0, 0, 50, 0, 0, 0]), 4, 3),  # one hot expert: on every rank
+        (torch.tensor([5, 1, 3, 7]), 2, 2),  # N*S == E: one slot each, nothing to replicate
+        (torch.tensor([5, 1, 3, 7]), 8, 1),  # S = 1
+    ],
+)
+def test_place_degenerate_inputs(pop: torch.Tensor, n: int, s: int) -> None:
+    counts = load_counts(pop, n, s)
+    placement = place(pop, counts, n, s)
+    assert torch.equal(torch.bincount(placement.flatten(), minlength=len(pop)), counts)
+    if int(pop.sum()) and int((pop > 0).sum()) == 1:
+        assert bool((placement == int(pop.argmax())).any(1).all())
+    if n * s == len(pop):
+        assert counts.tolist() == [1] * len(pop)
+
+
 def test_place_avoids_duplicates_across_rounds() -> None:
     # Expert 1's four replicas straddle the first and second dealing rounds.
     pop = torch.tensor([30, 40, 2, 1, 1, 1, 1])
@@ -497,9 +516,9 @@ def test_rank_split_gap_against_exact_optimum() -> None:
     """Placements from load_counts + place on one draw of a popularity family (pairs spread
     unevenly over ranks); the split of the same draw and of the next. The realised largest rank
     total is the exact optimum or above, never above the equal split over pools (+ S for the
-    integer rounding), and on average over these small, hard cases within 1.5% of the optimum
-    (measured 1.0%; the worst, S = 2 with a hot expert, 21%); split_lower_bound never exceeds
-    the optimum. On a large, well-mixed shape (below) the gap is under 0.5%."""
+    integer rounding), and on average over these small, hard cases within 1% of the optimum
+    (measured 0.45%, 9 of 70 cases above 0.5%, the worst 11%: zipf 2 on N = 64, S = 2);
+    split_lower_bound never exceeds the optimum. On a large shape (below) the gap is < 0.5%."""
     g = torch.Generator().manual_seed(0)
     shapes = [(8, 4, 4), (16, 16, 2), (32, 16, 4), (64, 32, 4), (16, 64, 1), (12, 3, 4), (64, 64, 2)]
     gaps = []
@@ -515,7 +534,7 @@ def test_rank_split_gap_against_exact_optimum() -> None:
                 bound = int(split_lower_bound(totals, split_layout(placement, e), torch.rand(n, generator=g)))
                 assert bound <= exact <= realised <= _pool_equal_max(totals, placement) + s, (kind, e, n, s)
                 gaps.append(realised / max(exact, 1) - 1)
-    assert sum(gaps) / len(gaps) < 0.015, sum(gaps) / len(gaps)
+    assert sum(gaps) / len(gaps) < 0.01, sum(gaps) / len(gaps)
 
 
 def test_rank_split_gap_on_a_large_placement() -> None:
