@@ -616,29 +616,6 @@ def test_split_rule_error() -> None:
         split_plan(torch.tensor([[1]]), torch.tensor([[0]]), "expert")
 
 
-@pytest.mark.parametrize("world_size", [3])
-def test_allreduce_exscan(world_size: int, tmp_path) -> None:
-    """The butterfly, with the fold of a non-power-of-two world (rank 1 folded into rank 0):
-    every rank's total and prefix, gathered on rank 0."""
-    from tests.distributed import run_distributed
-
-    results = run_distributed(_scan_all_worker, world_size, tmp_path=tmp_path)
-    values = torch.stack([torch.tensor([[r + 1, 10 * r], [7, r * r]]) for r in range(world_size)])
-    for r, (total, below) in enumerate(results):
-        assert torch.equal(total, values.sum(0)) and torch.equal(below, values[:r].sum(0)), r
-
-
-def _scan_all_worker(rank: int, world_size: int) -> list:
-    import torch.distributed as dist
-
-    from megatron_swiftmoe.core.dispatcher import allreduce_exscan
-
-    total, below = allreduce_exscan(torch.tensor([[rank + 1, 10 * rank], [7, rank * rank]]))
-    gathered: list = [None] * world_size
-    dist.all_gather_object(gathered, (total, below))
-    return gathered
-
-
 def test_capacity_hand_example():
     # 5 tokens, top-1, 2 experts; expert 0 has 3 of the N*S = 4 slots.
     probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.8, 0.2], [0.3, 0.7]])
