@@ -12,7 +12,9 @@ it unchanged. Per forward pass it
    ``SwiftMoEConfig.split``), and computes this rank's sends to every slot
    (``placement.source_sends``); receivers learn their counts from one all-to-all of the send
    counts (``[N, S]``), as Megatron's alltoall dispatcher does; the split sizes come to the
-   host in one copy, the only synchronisation (the all-to-alls need host integers);
+   host in one copy, the only synchronisation (the all-to-alls need host integers), with this
+   rank's planned quotas: what its slots received must be exactly that, or the ranks' inputs
+   disagree (an error, not a silent imbalance: any split computes every pair exactly once);
 4. sends pairs to slots with one variable-size all-to-all, and results back with another.
 
 Metadata received per rank, layer and micro-batch (int64, ``metadata_bytes``): at most
@@ -161,8 +163,14 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)  # [N, S]: from each source to each local slot
         send, recv = send.view(n, s), recv.view(n, s)
-        sizes = torch.cat([send.sum(1), recv.sum(1), recv.sum(0)]).cpu()  # the one device-to-host copy
+        quota = plan.quota.view(n, s)[self.rank]
+        sizes = torch.cat([send.sum(1), recv.sum(1), recv.sum(0), quota]).cpu()  # the one device-to-host copy
         self.send_splits, self.recv_splits = sizes[:n].tolist(), sizes[n : 2 * n].tolist()
+        if not torch.equal(sizes[2 * n : 2 * n + s], sizes[2 * n + s :]):  # free: already on the host
+            raise RuntimeError(
+                f"rank {self.rank}: its slots received {sizes[2 * n : 2 * n + s].tolist()} pairs but the split "
+                f"planned {sizes[2 * n + s :].tolist()}: the ranks' split inputs (totals, scans, own pairs) disagree"
+            )
 
         # Pairs sorted by expert; each expert's pairs fill its slots in flat slot order.
         device = routing_map.device
@@ -178,7 +186,7 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         arrival_slot = repeat(local_slots, recv.flatten(), sum(self.recv_splits))
         self.slot_major = torch.argsort(arrival_slot, stable=True)
         self.last_routed_pairs = sum(self.send_splits)
-        self.last_tokens_per_slot = sizes[2 * n :]
+        self.last_tokens_per_slot = sizes[2 * n : 2 * n + s]
         self.last_rank_totals = plan.quota.view(n, s).sum(1)  # realised: every slot gets its quota
         self.last_expert_totals = totals
         return hidden[self.pair_token], None
