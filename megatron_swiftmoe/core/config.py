@@ -50,9 +50,11 @@ class SwiftMoEConfig:
             is on every rank (``placement.load_counts``); ``"paper"`` is the paper's rule,
             replicas proportional to popularity (``placement.replica_counts``).
         split: how an expert's pairs of a micro-batch are divided among its replicas.
-            ``"rank"`` (default) minimises the largest rank total, then keeps the most pairs on
-            their source rank, treating an expert's slots on one rank as one pool; ``"replica"``
-            gives every replica the same share, as the paper (``placement.split_plan``).
+            ``"rank"`` (default) balances the rank totals (``placement.rank_quota``: a few rounds
+            of diffusion from the equal split, near the exact min-max, not exact), treating an
+            expert's slots on one rank as one pool; ``"replica"`` gives every replica the same
+            share, as the paper (``placement.replica_quota``). Both then keep each rank's own
+            pairs local where its quota allows.
     """
 
     slots_per_rank: int = 4
@@ -137,8 +139,8 @@ def add_swiftmoe_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument(
         "--swiftmoe-split", choices=list(SPLIT_RULES), default="rank",
         help="How each micro-batch's pairs of an expert are divided among its replicas: rank "
-        "(default) minimises the largest rank total, then keeps pairs on their source rank; "
-        "replica: an equal share per replica, the paper's rule.",
+        "(default) balances the rank totals (near the smallest possible largest total), then keeps "
+        "pairs on their source rank where it can; replica: an equal share per replica, the paper's rule.",
     )
     return parser
 

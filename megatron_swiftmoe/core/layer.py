@@ -96,18 +96,16 @@ def shard_rectangles(
 
 def plan_placement(popularity: torch.Tensor, num_ranks: int, swiftmoe: SwiftMoEConfig) -> torch.Tensor:
     """Replica counts (``swiftmoe.replica_counts``) and placement ``[N, S]`` (``swiftmoe.placement``)
-    for ``popularity [E]``, planned on the host (one copy per layer and step), returned on its device."""
+    for ``popularity [E]``, planned with tensor operations on popularity's device."""
     slots = swiftmoe.slots_per_rank
-    host = popularity.detach().cpu()
+    popularity = popularity.detach()
     if swiftmoe.replica_counts == "paper":
-        counts = placement_lib.replica_counts(host, num_ranks * slots)
+        counts = placement_lib.replica_counts(popularity, num_ranks * slots)
     else:
-        counts = placement_lib.load_counts(host, num_ranks, slots)
+        counts = placement_lib.load_counts(popularity, num_ranks, slots)
     if swiftmoe.placement == "contiguous":
-        layout = placement_lib.place_contiguous(counts, num_ranks, slots)
-    else:
-        layout = placement_lib.place(host, counts, num_ranks, slots)
-    return layout.to(popularity.device)
+        return placement_lib.place_contiguous(counts, num_ranks, slots)
+    return placement_lib.place(popularity, counts, num_ranks, slots)
 
 
 def _check_supported(config: TransformerConfig, num_ranks: int, swiftmoe: SwiftMoEConfig) -> None:
@@ -207,17 +205,20 @@ class SwiftMoELayer(MoELayer):
         return self.placement[self.rank]
 
     @property
-    def host_placement(self) -> torch.Tensor:
-        """``placement`` on the host, copied once per change (the dispatcher plans on the host).
+    def split_layout(self) -> tuple[placement_lib.SplitLayout, torch.Tensor]:
+        """``(placement_lib.split_layout(placement), source_index for this rank)``, built once per
+        placement (the dispatcher splits every micro-batch with it).
 
         Keyed on the buffer's storage and version, so ``set_placement``, ``load_state_dict``
         and moving the module all refresh it.
         """
-        key = (self.placement.data_ptr(), self.placement._version)
-        if getattr(self, "_host_placement_key", None) != key:
-            self._host_placement = self.placement.cpu()
-            self._host_placement_key = key
-        return self._host_placement
+        key = (self.placement.data_ptr(), self.placement._version, self.placement.device)
+        if getattr(self, "_split_layout_key", None) != key:
+            layout = placement_lib.split_layout(self.placement, self.config.num_moe_experts)
+            rank = torch.tensor([self.rank], device=self.placement.device)
+            self._split_layout = (layout, placement_lib.source_index(layout, rank))
+            self._split_layout_key = key
+        return self._split_layout
 
     def _init_expert_weights(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Every expert initialised like a Megatron expert MLP (same on every rank).

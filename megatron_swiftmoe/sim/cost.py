@@ -72,9 +72,10 @@ def check_strategy(name: str) -> tuple[str, int]:
 
 @lru_cache(maxsize=None)
 def measure_planning(num_ranks: int, num_experts: int, slots_per_rank: int, repeats: int = 5) -> tuple[float, float]:
-    """Median seconds, on this CPU, of SwiftMoE's per-layer planning for this layout:
-    ``(replica_counts + place, rank_plan)``; the first runs once per iteration, the second
-    once per micro-batch (the dispatcher's split plan)."""
+    """Median seconds of CPU time, on this CPU and one thread, of SwiftMoE's default per-layer
+    planning for this layout: ``(load_counts + place + split_layout, plan_split + source_sends)``
+    (the split of one rank, rank rule, without its communication); the first runs once per
+    iteration, the second once per micro-batch (the dispatcher's split)."""
     gen = torch.Generator().manual_seed(0)
     popularity = torch.randint(1, 1000, (num_experts,), generator=gen)
     tokens = torch.randint(0, 100, (num_ranks, num_experts), generator=gen)
@@ -121,12 +122,16 @@ def _single_thread():
 
 
 def _time_plan(popularity, tokens, num_ranks: int, slots_per_rank: int) -> tuple[float, float]:
-    t0 = time.perf_counter()
-    counts = placement_lib.replica_counts(popularity, num_ranks * slots_per_rank)
+    t0 = time.thread_time()
+    counts = placement_lib.load_counts(popularity, num_ranks, slots_per_rank)
     layout = placement_lib.place(popularity, counts, num_ranks, slots_per_rank)
-    t1 = time.perf_counter()
-    placement_lib.rank_plan(tokens, layout, 0)
-    t2 = time.perf_counter()
+    split = placement_lib.split_layout(layout, popularity.numel())
+    rank = torch.zeros(1, dtype=torch.int64)
+    index = placement_lib.source_index(split, rank)
+    t1 = time.thread_time()
+    plan = placement_lib.plan_split(tokens.sum(0), tokens.gather(1, layout), split, "rank")
+    placement_lib.source_sends(tokens[:1], torch.zeros_like(tokens[:1]), rank, plan, split, index)
+    t2 = time.thread_time()
     return t1 - t0, t2 - t1
 
 
