@@ -25,7 +25,7 @@ from megatron_swiftmoe.sim.trace import Trace
 
 __all__ = [
     "STRATEGIES", "PARTS", "COMM_PARTS", "METADATA_SCHEMES", "REPLACEMENT_ORDERS", "simulate", "calibrate_mfu",
-    "measure_planning", "planning_cost", "check_strategy", "replan_min_moves", "default_slots", "megatron_bucket_params",
+    "measure_planning", "check_strategy", "replan_min_moves", "default_slots", "megatron_bucket_params",
     "ADAM_STATE_BYTES", "DEEPSPEED_MIN_CAPACITY",
 ]
 
@@ -83,30 +83,6 @@ def measure_planning(num_ranks: int, num_experts: int, slots_per_rank: int, repe
         samples = [_time_plan(popularity, tokens, num_ranks, slots_per_rank) for _ in range(repeats + 1)]
     plan, split = zip(*samples[1:])
     return statistics.median(plan), statistics.median(split)
-
-
-class _ThreadClock:
-    """Stands in for the ``time`` module while :func:`planning_cost` runs ``measure_planning``:
-    ``perf_counter`` reads this thread's CPU time, so other processes on a shared machine do not
-    inflate the figure (everything else is the real ``time`` module)."""
-
-    perf_counter = staticmethod(time.thread_time)
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
-
-
-def planning_cost(num_ranks: int, num_experts: int, slots_per_rank: int) -> tuple[float, float]:
-    """``measure_planning`` of the default path for this N, E, S, timed in the planning thread's
-    CPU seconds instead of wall-clock ones (the functions' bodies are unchanged: the module's
-    clock is swapped while they run). A clock the measurement does not read stays wall-clock."""
-    global time
-    real = time
-    time = _ThreadClock()
-    try:
-        return measure_planning(num_ranks, num_experts, slots_per_rank)
-    finally:
-        time = real
 
 
 @contextmanager
@@ -971,7 +947,7 @@ def _simulate(trace: Trace, cluster: Cluster, model: ModelShape, strategies: lis
     ctx = _Ctx(cluster, model, mfu, static_ep=static_ep, overlap=overlap, slowdown=overlap_slowdown,
                metadata=metadata, replacement=replacement)
     if planning_s is None:
-        ctx.planning = planning_cost(ctx.n, model.num_experts, model.slots_per_rank)
+        ctx.planning = measure_planning(ctx.n, model.num_experts, model.slots_per_rank)
     else:
         ctx.planning = (float(planning_s), 0.0)
     dense = _dense_bytes(ctx)
