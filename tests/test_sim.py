@@ -86,10 +86,10 @@ def test_hand_computed_two_ranks_two_experts():
 
     # SwiftMoE, 1 slot per rank: the same layout, plus its shard traffic: 1e6-element shards,
     # 4 MB of fp32 grads and 2 MB of bf16 params each way over 1 GB/s. Its count exchange: an
-    # all-reduce of [2, E] counts (LL: a quarter of the link rate), an all-gather of S counts
+    # all-reduce of [2, E] counts and of the N S per-pool counts (LL: a quarter of the link rate)
     # and an all-to-all of one count per peer, 8 bytes each.
     swift = res["swiftmoe"]
-    swift_counts = (2 * 32 / 0.25e9 + 8 / 1e9 + 8 / 1e9) * 1e3
+    swift_counts = (2 * (2 * 2 + 2 * 1) * 8 / 0.25e9 + 8 / 1e9) * 1e3
     assert swift["parts_ms"]["expert_sync"] == pytest.approx(4 + 2)
     no_overlap = 81.15303 - count_exchange + swift_counts + 6
     assert swift["time_ms"] == pytest.approx(no_overlap)
@@ -482,17 +482,17 @@ def test_monotonic_sanity():
 
 def test_count_exchange_schemes():
     """The per-micro-batch count exchange at N = 1024, E = 256, S = 1 (int64 counts): today's
-    all-gather of [2, E] per rank is latency- and byte-bound; the planning rewrite's all-reduce +
-    all-gather + all-to-all is cheaper; all-reducing the per-pool counts (tree) cheaper still."""
+    all-gather of [2, E] per rank (before issue 17) is latency- and byte-bound; the dispatcher's
+    all-reduces + all-to-all are cheaper; all-gathering the per-pool counts (ring) instead costs more."""
     from megatron_swiftmoe.sim.cost import _Ctx, _metadata_s
 
     cluster = get_cluster("h100-1024")
     model = four_layer_model(num_experts=256, slots_per_rank=1, global_batch_size=1024)
     cost = {m: _metadata_s(_Ctx(cluster, model, 0.4, metadata=m), "swiftmoe", 1024, 128)
-            for m in ("current", "new", "new-allreduce")}
+            for m in ("current", "new", "new-allgather")}
     ring_ll = cluster.ring_latency(1024, 128, small=True)
     assert cost["current"] == pytest.approx(ring_ll + 1023 * 2 * 256 * 8 / (50e9 / 4))
-    assert cost["new-allreduce"] < cost["new"] < cost["current"]
+    assert cost["new"] < cost["new-allgather"] < cost["current"]
     assert cluster.small_allreduce_latency(1024, 128) == pytest.approx((6.8 + 2 * (7 * 0.6 * 1.8 + 7 * 5.0)) * 1e-6)
 
 

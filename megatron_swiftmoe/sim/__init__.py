@@ -71,11 +71,12 @@ Per MoE layer and micro-batch (one rank's compute stream):
    other nodes (full-duplex links; NVLink/PCIe and the NIC work in parallel).
 3. Count exchange (forward only; int64 counts): static, Megatron's alltoall dispatcher, an
    all-gather of each rank's [E] counts over the EP group; swiftmoe / flexmoe, ``--metadata``:
-   ``new`` (default: what the code does after the planning rewrite of issue 17) an all-reduce of
-   [2, E] counts + an all-gather of each rank's S per-pool counts (N S integers) + an all-to-all
-   of one send count per peer, all over the N ranks; ``new-allreduce`` the per-pool counts as an
-   all-reduce of an N S vector instead (tree latency); ``current`` today's all-gather of every
-   rank's [2, E] counts. Each collective: NCCL's latency of the faster protocol (below) + bytes
+   ``new`` (default: what ``core/dispatcher.py`` does) the [2, E] totals and their prefix over
+   ranks (a butterfly of ceil(log2 N) point-to-point rounds, modelled as a tree all-reduce of
+   that size) + an all-reduce of the zero-padded N S per-pool counts (tree latency) + an
+   all-to-all of one send count per peer, all over the N ranks; ``new-allgather`` the per-pool
+   counts as an all-gather of S per rank instead (ring latency, O(N)); ``current`` the
+   all-gather of every rank's [2, E] counts that the dispatcher made before issue 17. Each collective: NCCL's latency of the faster protocol (below) + bytes
    over the link (LL protocol: a quarter of the rate).
 4. Split: SwiftMoE plans each micro-batch's split on the host between the count exchange and
    the all-to-all: t_split per layer and micro-batch, on the critical path.

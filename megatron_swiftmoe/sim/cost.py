@@ -40,12 +40,14 @@ REPLACEMENT_ORDERS = ("all", "chain")
 #: Integers (int64) a rank puts into each per-micro-batch count exchange of SwiftMoE, per MoE
 #: layer, for E experts, N ranks, S slots: (all-reduced, all-gathered per rank, all-to-all per peer).
 METADATA_SCHEMES = {
-    # After the planning rewrite (issue 17): global counts all-reduced ([2, E]), each rank's
-    # per-pool local counts all-gathered (S each, N S in all), send counts all-to-all (1 per peer).
-    "new": lambda e, n, s: (2 * e, s, 1),
-    # The same, the per-pool counts as a (tree) all-reduce of a zero-padded [N S] vector.
-    "new-allreduce": lambda e, n, s: (2 * e + n * s, 0, 1),
-    # Today's main: one all-gather of every rank's [2, E] counts ([N, 2, E] everywhere).
+    # What the dispatcher does (core/dispatcher.py): the global counts and their prefix over ranks
+    # ([2, E]; a butterfly of ceil(log2 N) point-to-point rounds, modelled as a tree all-reduce of
+    # the same size), each rank's per-pool local counts as an all-reduce of a zero-padded [N S],
+    # send counts all-to-all (1 per peer).
+    "new": lambda e, n, s: (2 * e + n * s, 0, 1),
+    # The per-pool counts as an all-gather instead (S each, N S in all): ring latency, O(N).
+    "new-allgather": lambda e, n, s: (2 * e, s, 1),
+    # Before issue 17: one all-gather of every rank's [2, E] counts ([N, 2, E] everywhere).
     "current": lambda e, n, s: (0, 2 * e, 0),
 }
 #: DeepSpeed-MoE's default ``min_capacity`` (deepspeed.moe.layer.MoE).
