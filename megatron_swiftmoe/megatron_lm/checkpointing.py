@@ -186,8 +186,10 @@ def _distcp_problem(directory: Path) -> Optional[str]:
         elif path.stat().st_size < end:
             problems.append(f"{path} is truncated: {path.stat().st_size} bytes, the .metadata records data up "
                             f"to byte {end}")
-    problems += [f"{directory / name} is missing" for name in ("common.pt", "metadata.json")
-                 if not (directory / name).is_file()]
+    # Megatron-Core before 0.19 keeps the common state in common.pt; later ones inside the .distcp files
+    common_inside = any(key.startswith("common_state") for key in metadata.state_dict_metadata)
+    expected = ("metadata.json",) if common_inside else ("common.pt", "metadata.json")
+    problems += [f"{directory / name} is missing" for name in expected if not (directory / name).is_file()]
     return "; ".join(problems) or None
 
 
