@@ -264,8 +264,14 @@ class SwiftMoELayer(MoELayer):
         self.experts.load_flat(flat[self.slot_experts])
 
     def set_placement(self, placement: torch.Tensor) -> None:
-        """Install the placement of the next iteration (its slot weights are written separately)."""
+        """Install the placement of the next iteration (its slot weights are written separately).
+
+        A placement planned on the host also becomes :attr:`host_placement`, so that nobody
+        copies it back from the device."""
         self.placement.copy_(placement)
+        if placement.device.type == "cpu":
+            self._host_placement = placement.clone()
+            self._host_placement_key = (self.placement.data_ptr(), self.placement._version)
 
     def _apply(self, fn, recurse: bool = True):
         # Float16Module casts the model to bf16/fp16: the master shards move with it but keep

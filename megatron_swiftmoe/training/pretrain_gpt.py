@@ -196,9 +196,14 @@ class Trainer:
         self.optimizer = SwiftMoEOptimizer(
             self.model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_eps, clip_grad=args.clip_grad, loss_scaler=scaler,
+            overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
+            timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes),
         )
         if scaler:
             self.config.grad_scale_func = self.optimizer.scale_loss
+        if args.overlap_grad_reduce:  # as Megatron-LM's train() wires its DDP
+            self.config.no_sync_func = self.optimizer.no_sync
+            self.config.grad_sync_func = self.optimizer.start_grad_sync
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
             lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
@@ -245,6 +250,7 @@ class Trainer:
     def save(self) -> None:
         from megatron_swiftmoe.training.checkpointing import save_checkpoint
 
+        self.optimizer.finish_param_sync()  # no transfer in flight while saving
         start = time.time()
         path = save_checkpoint(self.args.save, self.iteration, self.args, self.state())
         log0(f"> saved checkpoint {path} ({time.time() - start:.1f}s)")
@@ -370,6 +376,7 @@ class Trainer:
         return {name.replace("load_balancing_loss", "aux_loss"): total / scale for name, total in zip(names, totals)}
 
     def evaluate(self) -> float:
+        self.optimizer.finish_param_sync()
         self.model.eval()
         with torch.no_grad():
             losses = [
@@ -415,6 +422,7 @@ class Trainer:
         while self.iteration < args.train_iters:
             record = self.train_step()
             if not math.isfinite(record["lm_loss"]):  # all-reduced: every rank stops here
+                self.optimizer.finish_param_sync()
                 raise AgreedError(f"lm loss is {record['lm_loss']} at iteration {record['iteration']}; "
                                   "lower --lr or use --clip-grad")
             window.append(record)
@@ -430,6 +438,7 @@ class Trainer:
             if args.exit_interval and self.iteration % args.exit_interval == 0:
                 log0(f"> exiting at iteration {self.iteration} (--exit-interval)")
                 break
+        self.optimizer.finish_param_sync()  # every transfer done before the last save and exit
         progress.clear()
         if args.save and (not args.save_interval or self.iteration % args.save_interval):
             self.save()
