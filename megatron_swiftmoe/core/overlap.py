@@ -105,7 +105,9 @@ class ExpertTraffic:
         self._ready = [False] * len(shards)
         self._arrived: list[set[int]] = [set() for _ in shards]
         self._next = len(shards) - 1  # the layer whose reduction starts next (reverse layer order)
-        self._grad_bytes = 0
+        self._finished = False
+        self._factor: Optional[torch.Tensor | float] = None
+        self.grad_bytes = 0  # sent by this step's reductions
         if grad_reduce:
             for index, layer_shards in enumerate(shards):
                 experts = layer_shards.layer.experts
@@ -145,7 +147,7 @@ class ExpertTraffic:
 
     def _start(self, index: int) -> None:
         shards = self.shards[index]
-        self._grad_bytes += shards.start_grad_reduction(async_op=self.grad_reduce)
+        self.grad_bytes += shards.start_grad_reduction(async_op=self.grad_reduce)
         shards.plan_early()  # on the host, while the collective runs
         self._next = index - 1
 
@@ -167,18 +169,27 @@ class ExpertTraffic:
 
     def finish_grad_sync(self) -> int:
         """Start what has not started, wait for every reduction: each layer's shard gradients
-        are in its ``master.grad``. Returns the bytes this rank sent."""
+        are in its ``master.grad``. Returns the bytes this rank sent this step."""
         self.start_grad_sync()
         for shards in self.shards:
             if shards.grad_reduction_started:
                 shards.finish_grad_reduction(self.grad_scale)
-        sent, self._grad_bytes = self._grad_bytes, 0
-        return sent
+        self._finished = True
+        if self._factor is not None:
+            self.scale_grads(self._factor)
+            self._factor = None
+        return self.grad_bytes
 
-    @property
-    def grads_finished(self) -> bool:
-        """Whether this step's reductions have all been waited for (by :meth:`finish_grad_sync`)."""
-        return self._next < 0 and not any(s.grad_reduction_started for s in self.shards)
+    def scale_grads(self, factor: torch.Tensor | float) -> None:
+        """Multiply this step's shard gradients by ``factor`` (e.g. Megatron's 1 / tokens with
+        per-token losses): now if the reductions are finished, else when they are; the same
+        operations either way, so the overlapped and the synchronous path agree bit for bit."""
+        if not self._finished:
+            self._factor = factor if self._factor is None else self._factor * factor
+            return
+        for shards in self.shards:
+            if shards.master.grad is not None:
+                shards.master.grad.mul_(factor)
 
     def reset(self) -> None:
         """Start of a step: no gradient has arrived; an unused early plan is dropped."""
@@ -189,7 +200,9 @@ class ExpertTraffic:
         self._ready = [False] * len(self.shards)
         self._arrived = [set() for _ in self.shards]
         self._next = len(self.shards) - 1
-        self._grad_bytes = 0
+        self._finished = False
+        self._factor = None
+        self.grad_bytes = 0
         self.is_last_microbatch = True
 
     # ---- parameters

@@ -10,12 +10,12 @@ patched ``pretrain_gpt.py`` trains exactly as the unpatched one.
 | ``arguments.add_megatron_arguments`` | the ``--swiftmoe*`` flag group |
 | ``initialize.validate_args`` | :mod:`.arguments` checks, before any process group |
 | ``get_gpt_decoder_block_spec`` (``gpt_builders``, ``megatron.training.models.gpt``) | MoE layers become ``SwiftMoELayer`` |
-| ``training.DDP``, ``wrap_model_chunks_with_ddp``, ``dist_utils._ddp_wrap`` | the expert slots stay out of DDP's buckets |
+| ``training.DDP``, ``wrap_model_chunks_with_ddp``, ``dist_utils._ddp_wrap`` | the expert slots stay out of DDP's buckets; DDP's sync methods also drive the expert traffic |
 | ``training.get_megatron_optimizer`` | Megatron's optimizer without the slots, chained with the expert optimizer; the load monitor |
-| ``training.finalize_model_grads`` | per-token loss scaling of the slot gradients |
+| ``training.finalize_model_grads`` | per-token loss scaling of the expert shard gradients |
 | ``training.train_step`` | per-layer load figures, every iteration |
 | ``training.training_log`` | the SwiftMoE load line, TensorBoard / W&B scalars |
-| ``training.save_checkpoint`` / ``load_checkpoint`` | per-rank state (torch format), slot refill |
+| ``training.save_checkpoint`` / ``load_checkpoint`` | no expert transfer in flight; per-rank state (torch format), slot refill |
 | ``checkpointing._build_sharded_state_dict_metadata`` | ``metadata["swiftmoe"]`` (torch_dist) |
 """
 
@@ -137,11 +137,47 @@ def _block_spec(original):
 
 def _ddp_class(original):
     class SwiftMoEDistributedDataParallel(original):
-        """Megatron's DDP for everything but the expert slots (their gradients go to the shards)."""
+        """Megatron's DDP for everything but the expert slots (their gradients go to the shards).
+
+        Its synchronisation methods also drive the chunk's SwiftMoE expert traffic
+        (``swiftmoe_traffic``, set by the expert optimizer) where Megatron drives its buckets:
+        ``no_sync`` (all micro-batches but the last), ``start_grad_sync`` (pipeline stages:
+        after the cooldown) and ``finish_grad_sync`` (``finalize_model_grads``) with
+        ``--overlap-grad-reduce``; ``start_param_sync(force_sync=True)`` (evaluation,
+        checkpoints, the end of training: ``disable_forward_pre_hook`` / ``force_param_sync``)
+        finishes every re-placement in flight.
+        """
+
+        swiftmoe_traffic = None
 
         def __init__(self, config, ddp_config, module, *args, **kwargs):
             with _slots_hidden([module]):
                 super().__init__(config, ddp_config, module, *args, **kwargs)
+
+        def _overlapped_grads(self):
+            traffic = self.swiftmoe_traffic
+            return traffic if traffic is not None and traffic.grad_reduce else None
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            traffic = self._overlapped_grads()
+            with super().no_sync(), (traffic.no_sync() if traffic else contextlib.nullcontext()):
+                yield
+
+        def start_grad_sync(self, *args, **kwargs):
+            super().start_grad_sync(*args, **kwargs)
+            if traffic := self._overlapped_grads():
+                traffic.start_grad_sync()
+
+        def finish_grad_sync(self, *args, **kwargs):
+            super().finish_grad_sync(*args, **kwargs)
+            if traffic := self._overlapped_grads():
+                traffic.finish_grad_sync()
+
+        def start_param_sync(self, *args, force_sync: bool = False, **kwargs):
+            super().start_param_sync(*args, force_sync=force_sync, **kwargs)
+            if force_sync and self.swiftmoe_traffic is not None:
+                self.swiftmoe_traffic.finish_param_sync()
 
     SwiftMoEDistributedDataParallel.__name__ = original.__name__
     SwiftMoEDistributedDataParallel.__qualname__ = original.__qualname__
@@ -168,6 +204,8 @@ def _get_megatron_optimizer(original):
             return original(config, model_chunks, *args, **kwargs)
         with _slots_hidden(model_chunks):
             dense = original(config, model_chunks, *args, **kwargs)
+        import datetime
+
         from megatron.core import parallel_state
 
         from megatron_swiftmoe.training.monitor import MoELoadMonitor
@@ -177,9 +215,22 @@ def _get_megatron_optimizer(original):
             group=parallel_state.get_data_parallel_group(),
             pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
         )
-        return chain_with_experts(dense, config, model_chunks)
+        timeout = datetime.timedelta(minutes=_args().distributed_timeout_minutes)
+        chained = chain_with_experts(dense, config, model_chunks, timeout=timeout)
+        _overlap_notice(_args())
+        return chained
 
     return get_megatron_optimizer
+
+
+def _overlap_notice(args) -> None:
+    from megatron.training.utils import print_rank_0
+
+    overlapped = [what for flag, what in ((args.overlap_grad_reduce, "expert gradient reduction overlapped with backward"),
+                                          (args.overlap_param_gather, "re-placement overlapped with the next forward"))
+                  if flag]
+    if overlapped:
+        print_rank_0(f"> SwiftMoE: {'; '.join(overlapped)}")
 
 
 def _finalize_model_grads(original):
@@ -187,14 +238,11 @@ def _finalize_model_grads(original):
     def finalize_model_grads(model, num_tokens=None, *args, **kwargs):
         result = original(model, num_tokens, *args, **kwargs)
         if _active() and num_tokens is not None and num_tokens > 0:
-            # Megatron has just divided every DDP gradient by the global token count.
-            from megatron_swiftmoe.core.optimizer import param_grad
-
-            for layer in swiftmoe_layers(model):
-                for param in layer.experts.parameters():
-                    grad = param_grad(param)
-                    if grad is not None:
-                        grad.div_(num_tokens)
+            # Megatron has just scaled every DDP gradient by 1 / (global token count): the same
+            # for the expert shards' gradients, whose reduction may have finished or not yet.
+            for chunk in model:
+                if (traffic := getattr(chunk, "swiftmoe_traffic", None)) is not None:
+                    traffic.scale_grads(1.0 / num_tokens)
         return result
 
     return finalize_model_grads
@@ -264,6 +312,8 @@ def _save_checkpoint(original):
     @functools.wraps(original)
     def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs):
         megatron_args = _args() if _active() else None
+        if megatron_args is not None and hasattr(optimizer, "experts"):
+            optimizer.experts.finish_param_sync()  # no expert transfer in flight while saving
         if megatron_args is not None and megatron_args.ckpt_format == "torch" and not kwargs.get("non_persistent_ckpt"):
             # Before Megatron's own save, which replaces the tracker file last.
             pp_rank, dp_rank = _parallel_ranks()

@@ -10,8 +10,14 @@ chains its dense and expert optimizers, so that ``train_step`` drives one object
   gradients, and unscaled by the loss scale of the dense optimizer (fp16);
 * grad-norm clipping: the shards are distinct on every rank, so their squares are summed over
   the whole world (every expert parameter once) and combined with the dense norm;
-* ``step_with_ready_grads``: AdamW on the shards, then the next placement is planned and the
-  updated shards are sent to its slots.
+* ``step_with_ready_grads``: AdamW on the shards, then the updated shards are sent to the slots
+  of the next placement.
+
+With ``--overlap-grad-reduce`` / ``--overlap-param-gather`` (read from each chunk's DDP config)
+the two transfers overlap with backward and the next forward (:mod:`megatron_swiftmoe.core.overlap`):
+each DDP chunk holds its layers' :class:`ExpertTraffic` (``swiftmoe_traffic``), which the
+plugin's DDP drives where Megatron drives its own buckets (``no_sync``, ``start_grad_sync``,
+``finish_grad_sync``, ``start_param_sync(force_sync=True)``).
 
 The Adam moments are optimizer state; the expert weights themselves are model state (the
 layers' ``expert_shard``), so ``--no-load-optim`` keeps them.
@@ -29,6 +35,7 @@ from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer
 
 from megatron_swiftmoe.core.layer import swiftmoe_layers
 from megatron_swiftmoe.core.optimizer import ExpertShards, attach_main_grad, refresh_slots
+from megatron_swiftmoe.core.overlap import ExpertTraffic, expert_comm_group
 
 
 class SwiftMoEExpertOptimizer(MegatronOptimizer):
@@ -38,11 +45,11 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
         config: Megatron's ``OptimizerConfig`` (the dense optimizer's, so they chain).
         model_chunks: the DDP-wrapped model chunks.
         loss_scale_source: the dense optimizer, whose loss scale the experts share.
+        timeout: of the communicator of the overlapped expert traffic.
     """
 
-    def __init__(self, config, model_chunks: list, loss_scale_source: MegatronOptimizer):
+    def __init__(self, config, model_chunks: list, loss_scale_source: MegatronOptimizer, timeout=None):
         layers = swiftmoe_layers(model_chunks)
-        self.shards = [ExpertShards(layer) for layer in layers]
         self.loss_scale_source = loss_scale_source
         # Per-token losses: DDP does not average over ranks, finalize_model_grads divides by tokens.
         self.per_token_loss = bool(layers and layers[0].config.calculate_per_token_loss)
@@ -50,6 +57,8 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
             for param in layer.experts.parameters():
                 if param.dtype != torch.float32:
                     attach_main_grad(param)  # fp32 accumulation, like DDP's grad buffers
+        self.traffics = [self._traffic(chunk, timeout) for chunk in model_chunks]
+        self.shards = [shards for traffic in self.traffics for shards in traffic.shards]
         # One param group with Megatron's scheduler fields (see optimizer._get_param_groups).
         group = {
             "params": [shards.master for shards in self.shards],
@@ -71,6 +80,24 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
         self.steps = 0
         self.bytes_sent = {"expert_grad": 0, "expert_param": 0, "expert_migration": 0}
 
+    def _traffic(self, chunk, timeout) -> ExpertTraffic:
+        """The expert traffic of one model chunk's layers, overlapped as its DDP config says
+        (built after attach_main_grad: its gradient hooks must run after that one)."""
+        ddp_config = getattr(chunk, "ddp_config", None)
+        grad_reduce = bool(getattr(ddp_config, "overlap_grad_reduce", False))
+        param_gather = bool(getattr(ddp_config, "overlap_param_gather", False))
+        overlap = grad_reduce or param_gather
+        shards = [ExpertShards(layer, expert_comm_group(layer.group, timeout) if overlap else None)
+                  for layer in swiftmoe_layers([chunk])]
+        traffic = ExpertTraffic(shards, grad_reduce, param_gather, grad_scale=1.0 if self.per_token_loss else None)
+        chunk.swiftmoe_traffic = traffic
+        return traffic
+
+    def finish_param_sync(self) -> None:
+        """Write every slot whose re-placement is still in flight (before saves and loads)."""
+        for traffic in self.traffics:
+            traffic.finish_param_sync()
+
     # ---- gradients
 
     def get_grad_stats_parallel_group(self) -> Optional[dist.ProcessGroup]:
@@ -79,6 +106,8 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
         return dist.group.WORLD
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        for traffic in self.traffics:
+            traffic.reset()
         for shards in self.shards:
             shards.master.grad = None
             for param in shards.layer.experts.parameters():
@@ -94,8 +123,7 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
         """Slot gradients -> owners' shard gradients, unscaled; True if any is inf/nan (fp16)."""
         if self.is_stub_optimizer:
             return False
-        scale = 1.0 if self.per_token_loss else None  # per-token losses are already normalised
-        self.bytes_sent["expert_grad"] = sum(shards.reduce_scatter_grads(scale) for shards in self.shards)
+        self.bytes_sent["expert_grad"] = sum(traffic.finish_grad_sync() for traffic in self.traffics)
         grads = [shards.master.grad for shards in self.shards]
         if getattr(self.loss_scale_source, "grad_scaler", None) is None:
             return False
@@ -112,12 +140,9 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
             return True
         self.optimizer.step()
         self.steps += 1
-        sent = {"expert_param": 0, "expert_migration": 0}
-        for shards in self.shards:
-            param_bytes, migration_bytes, _ = shards.advance(self.steps, self.optimizer.state)
-            sent["expert_param"] += param_bytes
-            sent["expert_migration"] += migration_bytes
-        self.bytes_sent.update(sent)
+        sent = [traffic.start_param_sync(self.steps, self.optimizer.state) for traffic in self.traffics]
+        self.bytes_sent["expert_param"] = sum(param_bytes for param_bytes, _, _ in sent)
+        self.bytes_sent["expert_migration"] = sum(migrated for _, migrated, _ in sent)
         return True
 
     def step(self):
@@ -237,10 +262,10 @@ def _forced_overflow(scaler):
         scaler.update = update
 
 
-def chain_with_experts(dense: MegatronOptimizer, config, model_chunks: list) -> SwiftMoEChainedOptimizer:
+def chain_with_experts(dense: MegatronOptimizer, config, model_chunks: list, timeout=None) -> SwiftMoEChainedOptimizer:
     """Megatron's optimizer(s) for everything but the slots, plus the expert optimizer."""
     members = list(dense.chained_optimizers) if isinstance(dense, ChainedOptimizer) else [dense]
-    experts = SwiftMoEExpertOptimizer(config, model_chunks, loss_scale_source=members[0])
+    experts = SwiftMoEExpertOptimizer(config, model_chunks, loss_scale_source=members[0], timeout=timeout)
     return SwiftMoEChainedOptimizer([*members, experts])
 
 
