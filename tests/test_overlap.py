@@ -21,6 +21,7 @@ from megatron_swiftmoe.core.optimizer import ExpertShards, SwiftMoEOptimizer
 from megatron_swiftmoe.core.layer import swiftmoe_layers
 from tests import gpt_models as gm
 from tests.distributed import run_distributed
+from tests.test_failures import BOUND_S, INJECT, launch, records, tiny
 from tests.test_pipeline import ATOL, FLAGS as PIPELINE_FLAGS, NO_DROPOUT, RTOL, TWO_STAGES, assert_same_training
 from tests.test_training import pretrain
 
@@ -179,3 +180,15 @@ def test_trainer_overlaps_train_like_synchronous_and_static_and_resume(tmp_path)
                                torch.tensor([r["valid_lm_loss"] for r in static if "valid_lm_loss" in r]),
                                rtol=RTOL, atol=ATOL)
     assert len({tuple(r["layers"][0]["replicas_per_expert"]) for r in on}) > 1, "replicas never moved"
+
+
+def test_exception_on_one_rank_with_transfers_in_flight_ends_every_rank(tmp_path):
+    """Rank 1 fails as iteration 3 starts, with the re-placement of step 2 in flight and no launcher
+    to stop the others: rank 0 still ends by itself, promptly, with its message."""
+    results, elapsed = launch(tmp_path, 2, *INJECT, "1", "2", "raise", "--", *tiny(2), "--train-iters", "6",
+                              "--overlap-grad-reduce", "--overlap-param-gather", "--distributed-timeout-minutes",
+                              "0.5", "--metrics-path", str(tmp_path / "metrics.jsonl"))
+    assert all(r.returncode != 0 for r in results) and elapsed < BOUND_S, [r.out[-2000:] for r in results]
+    assert "RuntimeError: injected fault on rank 1" in results[1].out
+    assert "a collective operation failed" in results[0].out, results[0].out[-2000:]
+    assert len(records(tmp_path / "metrics.jsonl")) == 2

@@ -267,8 +267,8 @@ class SwiftMoELayer(MoELayer):
         """Install the placement of the next iteration (its slot weights are written separately).
 
         A placement planned on the host also becomes :attr:`host_placement`, so that nobody
-        copies it back from the device."""
-        self.placement.copy_(placement)
+        copies it back from the device (and its copy to the device does not wait for the stream)."""
+        self.placement.copy_(placement, non_blocking=True)
         if placement.device.type == "cpu":
             self._host_placement = placement.clone()
             self._host_placement_key = (self.placement.data_ptr(), self.placement._version)

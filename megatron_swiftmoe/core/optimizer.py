@@ -36,7 +36,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
 
 from megatron_swiftmoe.core.layer import SwiftMoELayer, master_dtype, plan_placement, shard_numel, swiftmoe_layers
-from megatron_swiftmoe.core.overlap import ExpertTraffic, expert_comm_group
+from megatron_swiftmoe.core.overlap import ExpertTraffic, expert_comm_groups
 
 
 def _padded(numel: int, num_ranks: int) -> int:
@@ -179,7 +179,7 @@ class ExpertShards:
     Args:
         layer: the SwiftMoE layer.
         group: the communicator of the transfers: the layer's own group (default) or another
-            over the same ranks in the same order (``overlap.expert_comm_group``).
+            over the same ranks in the same order (``overlap.expert_comm_groups``).
     """
 
     def __init__(self, layer: SwiftMoELayer, group: Optional[dist.ProcessGroup] = None):
@@ -502,9 +502,8 @@ class SwiftMoEOptimizer:
         ]
         self._in_norm = [counted for _, _, counted in sorted(buckets, reverse=True)] + [True] * len(self.layers)
         overlap = overlap_grad_reduce or overlap_param_gather
-        self.expert_shards = [
-            ExpertShards(layer, expert_comm_group(layer.group, timeout) if overlap else None) for layer in self.layers
-        ]
+        groups = expert_comm_groups(self.layers, timeout) if overlap else [None] * len(self.layers)
+        self.expert_shards = [ExpertShards(layer, group) for layer, group in zip(self.layers, groups)]
         # After attach_main_grad above: its gradient hooks run before the traffic's.
         self.traffic = ExpertTraffic(self.expert_shards, overlap_grad_reduce, overlap_param_gather)
         self._params = [p for module in modules for p in module.parameters() if p.requires_grad]

@@ -18,9 +18,9 @@ on the critical path. :class:`ExpertTraffic` schedules them like Megatron's
   :meth:`~ExpertTraffic.finish_grad_sync` waits for all of them, where Megatron waits for its
   buckets (``finalize_model_grads``; the trainer: before the step).
 * **Planning.** The layer's step popularity is final once its last forward has run, so its next
-  placement is planned when its reduction starts (without overlap: when it is done), on the host while the collective and the
-  rest of backward run (from a host copy made after each training forward without waiting for
-  the device); the step only installs it.
+  placement is planned when its reduction starts (without overlap: when it is done), on the
+  host while the collective and the rest of backward run (from a host copy made after each
+  training forward without waiting for the device); the step only installs it.
 * **Re-placement.** After the optimizer step every layer's transfer to the next placement
   starts asynchronously (layer order) and the placement is installed; a forward pre-hook on
   the layer's slots waits for that layer's transfer and writes its slots just before they
@@ -28,7 +28,7 @@ on the critical path. :class:`ExpertTraffic` schedules them like Megatron's
   :meth:`~ExpertTraffic.finish_param_sync` waits for every transfer: before evaluation,
   checkpoints and exit (Megatron's ``disable_forward_pre_hook(param_sync=True)`` points).
 
-The overlapped transfers run on their own communicator (:func:`expert_comm_group`), so the
+The overlapped transfers run on their own communicator (:func:`expert_comm_groups`), so the
 token all-to-alls of the layers' forward and backward are not queued behind them. Every
 collective is issued by every rank of the group in the same order, so a rank never waits for
 one its peers do not issue; a rank that fails leaves its peers' waits to fail or time out like
@@ -60,23 +60,37 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from megatron_swiftmoe.core.optimizer import ExpertShards
 
-_COMM_GROUPS: dict[tuple, dist.ProcessGroup] = {}
+_COMM_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
 
-def expert_comm_group(group: dist.ProcessGroup, timeout: Optional[datetime.timedelta] = None) -> dist.ProcessGroup:
-    """A second communicator over the ranks of ``group`` (same order), for SwiftMoE's
-    overlapped expert traffic: one communicator runs its collectives in issue order (NCCL on one
-    stream, gloo from one queue), so traffic in flight on ``group`` would delay the token
-    all-to-alls queued behind it. Created once per rank set by the ranks of ``group`` only
-    (collective over them). A group whose ranks are not in ascending order (which
-    ``new_group`` would reorder) is returned as it is."""
-    ranks = tuple(dist.get_process_group_ranks(group))
-    if list(ranks) != sorted(ranks):
-        return group
-    key = (ranks, dist.get_backend(group))
-    if key not in _COMM_GROUPS:
-        _COMM_GROUPS[key] = dist.new_group(list(ranks), timeout=timeout, use_local_synchronization=True)
-    return _COMM_GROUPS[key]
+def expert_comm_groups(layers: list, timeout: Optional[datetime.timedelta] = None) -> list[dist.ProcessGroup]:
+    """For each layer, a second communicator over the ranks of its group (same order), for
+    SwiftMoE's overlapped expert traffic: one communicator runs its collectives in issue order
+    (NCCL on one stream, gloo from one queue), so traffic in flight on the layer's group would
+    delay the token all-to-alls queued behind it. One per rank set and process group world,
+    created by those ranks only (collective over them). A group whose ranks are not in ascending
+    order (which ``new_group`` would reorder) is used as it is."""
+    groups = []
+    for layer in layers:
+        ranks = tuple(dist.get_process_group_ranks(layer.group))
+        if list(ranks) != sorted(ranks):
+            groups.append(layer.group)
+            continue
+        if not _alive(_COMM_GROUPS.get(ranks)):
+            _COMM_GROUPS[ranks] = dist.new_group(list(ranks), timeout=timeout, use_local_synchronization=True)
+        groups.append(_COMM_GROUPS[ranks])
+    return groups
+
+
+def _alive(group: Optional[dist.ProcessGroup]) -> bool:
+    """Whether ``group`` belongs to the current process group world (not destroyed since)."""
+    if group is None:
+        return False
+    try:
+        dist.get_process_group_ranks(group)
+    except (KeyError, ValueError, RuntimeError):
+        return False
+    return True
 
 
 class ExpertTraffic:

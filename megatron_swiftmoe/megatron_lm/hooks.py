@@ -10,8 +10,8 @@ patched ``pretrain_gpt.py`` trains exactly as the unpatched one.
 | ``arguments.add_megatron_arguments`` | the ``--swiftmoe*`` flag group |
 | ``initialize.validate_args`` | :mod:`.arguments` checks, before any process group |
 | ``get_gpt_decoder_block_spec`` (``gpt_builders``, ``megatron.training.models.gpt``) | MoE layers become ``SwiftMoELayer`` |
-| ``training.DDP``, ``wrap_model_chunks_with_ddp``, ``dist_utils._ddp_wrap`` | the expert slots stay out of DDP's buckets; DDP's sync methods also drive the expert traffic |
-| ``training.get_megatron_optimizer`` | Megatron's optimizer without the slots, chained with the expert optimizer; the load monitor |
+| ``training.DDP``, ``dist_utils.DistributedDataParallel``, ``wrap_model_chunks_with_ddp``, ``dist_utils._ddp_wrap`` | the expert slots stay out of DDP's buckets |
+| ``training.get_megatron_optimizer`` | Megatron's optimizer without the slots, chained with the expert optimizer (whose expert traffic each DDP chunk's sync methods drive); the load monitor |
 | ``training.finalize_model_grads`` | per-token loss scaling of the expert shard gradients |
 | ``training.train_step`` | per-layer load figures, every iteration |
 | ``training.training_log`` | the SwiftMoE load line, TensorBoard / W&B scalars |
@@ -135,49 +135,18 @@ def _block_spec(original):
     return get_gpt_decoder_block_spec
 
 
+@functools.cache
 def _ddp_class(original):
+    """One subclass per DDP class, wherever Megatron-LM names it (``training.DDP``, core_v0.19's
+    ``dist_utils.DistributedDataParallel``): ``train()`` wires ``config.no_sync_func`` only for
+    chunks that are instances of its ``DDP``."""
+
     class SwiftMoEDistributedDataParallel(original):
-        """Megatron's DDP for everything but the expert slots (their gradients go to the shards).
-
-        Its synchronisation methods also drive the chunk's SwiftMoE expert traffic
-        (``swiftmoe_traffic``, set by the expert optimizer) where Megatron drives its buckets:
-        ``no_sync`` (all micro-batches but the last), ``start_grad_sync`` (pipeline stages:
-        after the cooldown) and ``finish_grad_sync`` (``finalize_model_grads``) with
-        ``--overlap-grad-reduce``; ``start_param_sync(force_sync=True)`` (evaluation,
-        checkpoints, the end of training: ``disable_forward_pre_hook`` / ``force_param_sync``)
-        finishes every re-placement in flight.
-        """
-
-        swiftmoe_traffic = None
+        """Megatron's DDP for everything but the expert slots (their gradients go to the shards)."""
 
         def __init__(self, config, ddp_config, module, *args, **kwargs):
             with _slots_hidden([module]):
                 super().__init__(config, ddp_config, module, *args, **kwargs)
-
-        def _overlapped_grads(self):
-            traffic = self.swiftmoe_traffic
-            return traffic if traffic is not None and traffic.grad_reduce else None
-
-        @contextlib.contextmanager
-        def no_sync(self):
-            traffic = self._overlapped_grads()
-            with super().no_sync(), (traffic.no_sync() if traffic else contextlib.nullcontext()):
-                yield
-
-        def start_grad_sync(self, *args, **kwargs):
-            super().start_grad_sync(*args, **kwargs)
-            if traffic := self._overlapped_grads():
-                traffic.start_grad_sync()
-
-        def finish_grad_sync(self, *args, **kwargs):
-            super().finish_grad_sync(*args, **kwargs)
-            if traffic := self._overlapped_grads():
-                traffic.finish_grad_sync()
-
-        def start_param_sync(self, *args, force_sync: bool = False, **kwargs):
-            super().start_param_sync(*args, force_sync=force_sync, **kwargs)
-            if force_sync and self.swiftmoe_traffic is not None:
-                self.swiftmoe_traffic.finish_param_sync()
 
     SwiftMoEDistributedDataParallel.__name__ = original.__name__
     SwiftMoEDistributedDataParallel.__qualname__ = original.__qualname__
@@ -226,9 +195,10 @@ def _get_megatron_optimizer(original):
 def _overlap_notice(args) -> None:
     from megatron.training.utils import print_rank_0
 
-    overlapped = [what for flag, what in ((args.overlap_grad_reduce, "expert gradient reduction overlapped with backward"),
-                                          (args.overlap_param_gather, "re-placement overlapped with the next forward"))
-                  if flag]
+    overlapped = [what for flag, what in (
+        (args.overlap_grad_reduce, "expert gradient reduction overlapped with backward"),
+        (args.overlap_param_gather, "re-placement overlapped with the next forward"),
+    ) if flag]
     if overlapped:
         print_rank_0(f"> SwiftMoE: {'; '.join(overlapped)}")
 
@@ -389,6 +359,7 @@ def install() -> None:
     _rebind([arguments, initialize], "validate_args", _validate_args)
     _rebind([gpt_builders, model_builders], "get_gpt_decoder_block_spec", _block_spec)
     _rebind([training], "DDP", _ddp_class)
+    _rebind([dist_utils], "DistributedDataParallel", _ddp_class, required=False)
     _rebind([training], "wrap_model_chunks_with_ddp", _with_slots_hidden, required=False)
     _rebind([dist_utils], "_ddp_wrap", _with_slots_hidden, required=False)
     _rebind([training], "get_megatron_optimizer", _get_megatron_optimizer)

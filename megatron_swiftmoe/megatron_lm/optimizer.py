@@ -15,9 +15,8 @@ chains its dense and expert optimizers, so that ``train_step`` drives one object
 
 With ``--overlap-grad-reduce`` / ``--overlap-param-gather`` (read from each chunk's DDP config)
 the two transfers overlap with backward and the next forward (:mod:`megatron_swiftmoe.core.overlap`):
-each DDP chunk holds its layers' :class:`ExpertTraffic` (``swiftmoe_traffic``), which the
-plugin's DDP drives where Megatron drives its own buckets (``no_sync``, ``start_grad_sync``,
-``finish_grad_sync``, ``start_param_sync(force_sync=True)``).
+each DDP chunk holds its layers' :class:`ExpertTraffic` (``swiftmoe_traffic``), driven by the
+chunk's own synchronisation methods (:func:`_drive_with_ddp`).
 
 The Adam moments are optimizer state; the expert weights themselves are model state (the
 layers' ``expert_shard``), so ``--no-load-optim`` keeps them.
@@ -35,7 +34,7 @@ from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer
 
 from megatron_swiftmoe.core.layer import swiftmoe_layers
 from megatron_swiftmoe.core.optimizer import ExpertShards, attach_main_grad, refresh_slots
-from megatron_swiftmoe.core.overlap import ExpertTraffic, expert_comm_group
+from megatron_swiftmoe.core.overlap import ExpertTraffic, expert_comm_groups
 
 
 class SwiftMoEExpertOptimizer(MegatronOptimizer):
@@ -86,11 +85,12 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
         ddp_config = getattr(chunk, "ddp_config", None)
         grad_reduce = bool(getattr(ddp_config, "overlap_grad_reduce", False))
         param_gather = bool(getattr(ddp_config, "overlap_param_gather", False))
-        overlap = grad_reduce or param_gather
-        shards = [ExpertShards(layer, expert_comm_group(layer.group, timeout) if overlap else None)
-                  for layer in swiftmoe_layers([chunk])]
+        layers = swiftmoe_layers([chunk])
+        groups = expert_comm_groups(layers, timeout) if grad_reduce or param_gather else [None] * len(layers)
+        shards = [ExpertShards(layer, group) for layer, group in zip(layers, groups)]
         traffic = ExpertTraffic(shards, grad_reduce, param_gather, grad_scale=1.0 if self.per_token_loss else None)
         chunk.swiftmoe_traffic = traffic
+        _drive_with_ddp(chunk, traffic)
         return traffic
 
     def finish_param_sync(self) -> None:
@@ -219,6 +219,47 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
             state[name][int(expert), lo:hi] = value.reshape(-1)
         for shards in self.shards:
             self._state(shards)["step"].fill_(float(self.steps))
+
+
+def _drive_with_ddp(chunk, traffic: ExpertTraffic) -> None:
+    """Make the DDP chunk's synchronisation methods drive its SwiftMoE expert traffic too, where
+    Megatron drives its buckets: ``no_sync`` (all micro-batches but the last),
+    ``start_grad_sync`` (``config.grad_sync_func``: pipeline stages, after the cooldown) and
+    ``finish_grad_sync`` (``finalize_model_grads``) with ``--overlap-grad-reduce``;
+    ``start_param_sync(force_sync=True)`` (``disable_forward_pre_hook`` / ``force_param_sync``:
+    evaluation, checkpoints, the end of training) finishes every re-placement in flight.
+
+    Wrapped on the instance: Megatron-LM wraps the chunks in its DDP class directly (core_v0.19's
+    model builders) or through ``training.DDP`` (core_v0.16), and calls these methods by name."""
+    if not hasattr(chunk, "start_param_sync"):
+        return  # not a DDP chunk (no data-parallel wrapper): nothing drives it
+    if traffic.grad_reduce:
+        no_sync, start_grad_sync, finish_grad_sync = chunk.no_sync, chunk.start_grad_sync, chunk.finish_grad_sync
+
+        @contextlib.contextmanager
+        def no_sync_with_experts():
+            with no_sync(), traffic.no_sync():
+                yield
+
+        def start_grad_sync_with_experts(*args, **kwargs):
+            start_grad_sync(*args, **kwargs)
+            traffic.start_grad_sync()
+
+        def finish_grad_sync_with_experts(*args, **kwargs):
+            finish_grad_sync(*args, **kwargs)
+            traffic.finish_grad_sync()
+
+        chunk.no_sync = no_sync_with_experts
+        chunk.start_grad_sync = start_grad_sync_with_experts
+        chunk.finish_grad_sync = finish_grad_sync_with_experts
+    start_param_sync = chunk.start_param_sync
+
+    def start_param_sync_with_experts(*args, force_sync: bool = False, **kwargs):
+        start_param_sync(*args, force_sync=force_sync, **kwargs)
+        if force_sync:
+            traffic.finish_param_sync()
+
+    chunk.start_param_sync = start_param_sync_with_experts
 
 
 def _flat_items(state: dict):
