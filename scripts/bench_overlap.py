@@ -32,6 +32,7 @@ import socket
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -158,6 +159,7 @@ def _iteration(model, optimizer, args, step: int, rank: int, device) -> None:
 
 
 def _worker(rank: int, args: argparse.Namespace, port: int, results: str) -> None:
+    warnings.filterwarnings("ignore")  # optional GPU extras missing, torch's renamed collectives
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     device = torch.device("cuda", rank) if args.backend == "nccl" else torch.device("cpu")

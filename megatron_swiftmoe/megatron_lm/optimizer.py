@@ -229,8 +229,8 @@ def _drive_with_ddp(chunk, traffic: ExpertTraffic) -> None:
     ``start_param_sync(force_sync=True)`` (``disable_forward_pre_hook`` / ``force_param_sync``:
     evaluation, checkpoints, the end of training) finishes every re-placement in flight.
 
-    Wrapped on the instance: Megatron-LM wraps the chunks in its DDP class directly (core_v0.19's
-    model builders) or through ``training.DDP`` (core_v0.16), and calls these methods by name."""
+    Wrapped on the instance, whatever DDP class wrapped the chunk: Megatron-LM calls these
+    methods by name on the chunk (and ``disable_forward_pre_hook`` calls ``start_param_sync``)."""
     if not hasattr(chunk, "start_param_sync"):
         return  # not a DDP chunk (no data-parallel wrapper): nothing drives it
     if traffic.grad_reduce:
