@@ -10,7 +10,7 @@
 #   4. Megatron-LM's own pretrain_gpt.py (patched copy of $MEGATRON_LM_DIR) with --swiftmoe and
 #      --moe-grouped-gemm, same shape: tokens/s and Megatron's memory report.
 #
-#   bash scripts/gpu_check.sh            (MEGATRON_LM_DIR: a Megatron-LM checkout; step 3 is
+#   bash scripts/gpu_check.sh            (MEGATRON_LM_DIR: a Megatron-LM checkout; step 4 is
 #                                         skipped, saying so, when there is none)
 #
 # Needs torch with CUDA, megatron-core (>= 0.16.1) and this package importable, e.g.
