@@ -60,37 +60,22 @@ import torch.distributed as dist
 if TYPE_CHECKING:
     from megatron_swiftmoe.core.optimizer import ExpertShards
 
-_COMM_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
-
 
 def expert_comm_groups(layers: list, timeout: Optional[datetime.timedelta] = None) -> list[dist.ProcessGroup]:
     """For each layer, a second communicator over the ranks of its group (same order), for
     SwiftMoE's overlapped expert traffic: one communicator runs its collectives in issue order
     (NCCL on one stream, gloo from one queue), so traffic in flight on the layer's group would
-    delay the token all-to-alls queued behind it. One per rank set and process group world,
-    created by those ranks only (collective over them). A group whose ranks are not in ascending
-    order (which ``new_group`` would reorder) is used as it is."""
-    groups = []
-    for layer in layers:
-        ranks = tuple(dist.get_process_group_ranks(layer.group))
-        if list(ranks) != sorted(ranks):
-            groups.append(layer.group)
-            continue
-        if not _alive(_COMM_GROUPS.get(ranks)):
-            _COMM_GROUPS[ranks] = dist.new_group(list(ranks), timeout=timeout, use_local_synchronization=True)
-        groups.append(_COMM_GROUPS[ranks])
-    return groups
+    delay the token all-to-alls queued behind it. One per rank set.
 
-
-def _alive(group: Optional[dist.ProcessGroup]) -> bool:
-    """Whether ``group`` belongs to the current process group world (not destroyed since)."""
-    if group is None:
-        return False
-    try:
-        dist.get_process_group_ranks(group)
-    except (KeyError, ValueError, RuntimeError):
-        return False
-    return True
+    Collective over the whole world: every rank calls it (with its own layers, maybe none) and
+    creates every group, in the same order, as ``new_group`` requires (with NCCL a new group
+    may be split from the world's communicator, which every rank must join). A group whose
+    ranks are not in ascending order (which ``new_group`` would reorder) is used as it is."""
+    wanted = sorted({tuple(dist.get_process_group_ranks(layer.group)) for layer in layers})
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, [ranks for ranks in wanted if list(ranks) == sorted(ranks)])
+    created = {ranks: dist.new_group(list(ranks), timeout=timeout) for ranks in sorted(set().union(*everyone))}
+    return [created.get(tuple(dist.get_process_group_ranks(layer.group)), layer.group) for layer in layers]
 
 
 class ExpertTraffic:
