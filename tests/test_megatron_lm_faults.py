@@ -142,8 +142,8 @@ def test_nan_in_one_expert_gradient_stops_before_the_step(nan_run, tmp_path):
     assert run.returncode != 0 and "exitcode  : 16" in run.output, run.output[-5000:]
     # Megatron's own "iteration #" is one too high in core_v0.19.0: the message has ours.
     assert re.search(r"Unexpected result nan on rank 1 at iteration #\d+ invocation #1 \(message='found NaN or Inf in "
-                     r"the local expert-slot gradients of SwiftMoE layer 0 \(transformer layer 1\) in iteration 4, "
-                     r"before their reduction'\)", run.output), run.output[-5000:]
+                     r"the local expert slot gradients, before their reduction, of SwiftMoE layer 0 "
+                     r"\(transformer layer 1\) in iteration 4'\)", run.output), run.output[-5000:]
     assert "unexpected result is reproducible" in run.output
     assert iterations_logged(run) == [1, 2, 3]
     assert (save / TRACKER).read_text().strip() == "3"  # the exit-time save: the state before iteration 4

@@ -220,6 +220,20 @@ class SwiftMoELayer(MoELayer):
             self._split_layout_key = key
         return self._split_layout
 
+    @property
+    def host_placement(self) -> torch.Tensor:
+        """``placement`` on the host, copied once per change (the expert traffic's index
+        bookkeeping runs on the host).
+
+        Keyed on the buffer's storage and version, so ``set_placement``, ``load_state_dict``
+        and moving the module all refresh it.
+        """
+        key = (self.placement.data_ptr(), self.placement._version)
+        if getattr(self, "_host_placement_key", None) != key:
+            self._host_placement = self.placement.cpu()
+            self._host_placement_key = key
+        return self._host_placement
+
     def _init_expert_weights(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Every expert initialised like a Megatron expert MLP (same on every rank).
 
@@ -265,8 +279,14 @@ class SwiftMoELayer(MoELayer):
         self.experts.load_flat(flat[self.slot_experts])
 
     def set_placement(self, placement: torch.Tensor) -> None:
-        """Install the placement of the next iteration (its slot weights are written separately)."""
-        self.placement.copy_(placement)
+        """Install the placement of the next iteration (its slot weights are written separately).
+
+        A placement planned on the host also becomes :attr:`host_placement`, so that nobody
+        copies it back from the device (and its copy to the device does not wait for the stream)."""
+        self.placement.copy_(placement, non_blocking=True)
+        if placement.device.type == "cpu":
+            self._host_placement = placement.clone()
+            self._host_placement_key = (self.placement.data_ptr(), self.placement._version)
 
     def _apply(self, fn, recurse: bool = True):
         # Float16Module casts the model to bf16/fp16: the master shards move with it but keep

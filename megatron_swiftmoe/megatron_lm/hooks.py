@@ -11,18 +11,19 @@ patched ``pretrain_gpt.py`` trains exactly as the unpatched one.
 | ``initialize.validate_args`` | :mod:`.arguments` checks, before any process group |
 | ``training.initialize_megatron`` | the ``--save`` directory's lock (:mod:`~megatron_swiftmoe.training.savelock`) |
 | ``get_gpt_decoder_block_spec`` (``gpt_builders``, ``megatron.training.models.gpt``) | MoE layers become ``SwiftMoELayer`` |
-| ``training.DDP``, ``wrap_model_chunks_with_ddp``, ``dist_utils._ddp_wrap`` | the expert slots stay out of DDP's buckets |
-| ``training.get_megatron_optimizer`` | Megatron's optimizer without the slots, chained with the expert optimizer; the load monitor |
-| ``training.finalize_model_grads`` | per-token loss scaling of the slot gradients; their NaN check (:mod:`.gradcheck`) |
+| ``training.DDP``, ``dist_utils.DistributedDataParallel``, ``wrap_model_chunks_with_ddp``, ``dist_utils._ddp_wrap`` | the expert slots stay out of DDP's buckets |
+| ``training.get_megatron_optimizer`` | Megatron's optimizer without the slots, chained with the expert optimizer (whose expert traffic each DDP chunk's sync methods drive); the load monitor |
+| ``training.finalize_model_grads`` | per-token loss scaling of the expert gradients; their NaN check (:mod:`.gradcheck`) |
 | ``training.train_step`` | per-layer load figures, every iteration; a stop on non-finite gradients |
 | ``training.training_log`` | the SwiftMoE load line, TensorBoard / W&B scalars |
-| ``training.save_checkpoint`` / ``load_checkpoint`` | per-rank state (torch format), slot refill; checks and errors named |
+| ``training.save_checkpoint`` / ``load_checkpoint`` | no expert transfer in flight; per-rank state (torch format), slot refill; checks and errors named |
 | ``checkpointing._build_sharded_state_dict_metadata`` | ``metadata["swiftmoe"]`` (torch_dist) |
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import sys
 from pathlib import Path
@@ -164,7 +165,12 @@ def _block_spec(original):
     return get_gpt_decoder_block_spec
 
 
+@functools.cache
 def _ddp_class(original):
+    """One subclass per DDP class, wherever Megatron-LM names it (``training.DDP``, core_v0.19's
+    ``dist_utils.DistributedDataParallel``): ``train()`` wires ``config.no_sync_func`` only for
+    chunks that are instances of its ``DDP``."""
+
     class SwiftMoEDistributedDataParallel(original):
         """Megatron's DDP for everything but the expert slots (their gradients go to the shards)."""
 
@@ -207,10 +213,16 @@ def _get_megatron_optimizer(original):
             pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
         )
         startup.announce(model_chunks, _args())
-        return chain_with_experts(dense, config, model_chunks,
+        timeout = datetime.timedelta(minutes=_args().distributed_timeout_minutes)
+        return chain_with_experts(dense, config, model_chunks, timeout=timeout,
                                   stop_on_nonfinite=_args().check_for_nan_in_loss_and_grad)
 
     return get_megatron_optimizer
+
+
+def _traffics(model: list) -> list:
+    """The expert traffic of each model chunk (attached by the expert optimizer)."""
+    return [traffic for chunk in model if (traffic := getattr(chunk, "swiftmoe_traffic", None)) is not None]
 
 
 def _finalize_model_grads(original):
@@ -218,17 +230,14 @@ def _finalize_model_grads(original):
     def finalize_model_grads(model, num_tokens=None, *args, **kwargs):
         result = original(model, num_tokens, *args, **kwargs)
         if _active() and num_tokens is not None and num_tokens > 0:
-            # Megatron has just divided every DDP gradient by the global token count.
-            from megatron_swiftmoe.core.optimizer import param_grad
-
-            for layer in swiftmoe_layers(model):
-                for param in layer.experts.parameters():
-                    grad = param_grad(param)
-                    if grad is not None:
-                        grad.div_(num_tokens)
+            # Megatron has just scaled every DDP gradient by 1 / (global token count): the same
+            # for the expert gradients, whose reduction may have finished or not yet.
+            for traffic in _traffics(model):
+                traffic.scale_grads(1.0 / num_tokens)
         if _active() and _args().check_for_nan_in_loss_and_grad:
             # Inside the rerun state machine's loop, as DDP's bucket check.
-            gradcheck.validate_slot_grads(swiftmoe_layers(model), _args().curr_iteration + 1)
+            gradcheck.validate_expert_grads(
+                [shards for traffic in _traffics(model) for shards in traffic.shards], _args().curr_iteration + 1)
         return result
 
     return finalize_model_grads
@@ -307,6 +316,7 @@ def _save_checkpoint(original):
         where = f"saving the checkpoint of iteration {iteration} to {megatron_args.save}"
 
         def prepare() -> None:
+            optimizer.experts.finish_param_sync()  # no expert transfer in flight while saving
             if _State.save_lock is not None:
                 _State.save_lock.verify()  # still this run's directory
             if megatron_args.ckpt_format == "torch" and not kwargs.get("non_persistent_ckpt"):
@@ -428,6 +438,7 @@ def install() -> None:
     _rebind([training], "initialize_megatron", _initialize_megatron)
     _rebind([gpt_builders, model_builders], "get_gpt_decoder_block_spec", _block_spec)
     _rebind([training], "DDP", _ddp_class)
+    _rebind([dist_utils], "DistributedDataParallel", _ddp_class, required=False)
     _rebind([training], "wrap_model_chunks_with_ddp", _with_slots_hidden, required=False)
     _rebind([dist_utils], "_ddp_wrap", _with_slots_hidden, required=False)
     _rebind([training], "get_megatron_optimizer", _get_megatron_optimizer)

@@ -59,10 +59,13 @@ def announce(model_chunks, args) -> None:
     stage = (f" on pipeline stage 1 of {args.pipeline_model_parallel_size}"
              if args.pipeline_model_parallel_size > 1 else "")
     kernel = layers[0].experts.kernel().describe() if layers else "none on this stage"
+    overlapped = [what for flag, what in ((args.overlap_grad_reduce, "gradient reduction with backward"),
+                                          (args.overlap_param_gather, "re-placement with the next forward")) if flag]
+    traffic = f"overlapped ({', '.join(overlapped)})" if overlapped else "in the step"
     print(
         f"> SwiftMoE on: {len(layers)} MoE layers{stage}, {args.num_experts} experts in "
         f"{args.swiftmoe_slots_per_rank} slots per rank x {args.data_parallel_size} data-parallel ranks, "
         f"replica counts {args.swiftmoe_replica_counts}, placement {args.swiftmoe_placement}, "
-        f"split {args.swiftmoe_split}, expert kernel: {kernel}",
+        f"split {args.swiftmoe_split}, expert kernel: {kernel}, expert traffic: {traffic}",
         flush=True,
     )

@@ -470,6 +470,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Tensor parallelism: only 1 is supported (accepted for Megatron-LM configs).",
     )
     g.add_argument(
+        "--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=False,
+        help="Overlap SwiftMoE's expert gradient reduction with backward: each MoE layer's slot "
+        "gradients start towards their shard owners as soon as the step's last backward has "
+        "produced them (Megatron-LM's flag; this program's dense ZeRO-1 traffic stays synchronous).",
+    )
+    g.add_argument(
+        "--overlap-param-gather", action=argparse.BooleanOptionalAction, default=False,
+        help="Overlap SwiftMoE's re-placement with the next forward: the updated expert shards "
+        "travel to the next placement while the layers before each MoE layer compute (Megatron-LM's "
+        "flag; this program's dense ZeRO-1 traffic stays synchronous).",
+    )
+    g.add_argument(
         "--distributed-timeout-minutes", type=float, default=10,
         help="Timeout of collective operations: a rank waiting this long for a rank that stopped "
         "answering exits with an error instead of waiting forever. Fractions are accepted.",

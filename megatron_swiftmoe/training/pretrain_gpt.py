@@ -199,9 +199,14 @@ class Trainer:
         self.optimizer = SwiftMoEOptimizer(
             self.model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_eps, clip_grad=args.clip_grad, loss_scaler=scaler,
+            overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
+            timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes),
         )
         if scaler:
             self.config.grad_scale_func = self.optimizer.scale_loss
+        if args.overlap_grad_reduce:  # as Megatron-LM's train() wires its DDP
+            self.config.no_sync_func = self.optimizer.no_sync
+            self.config.grad_sync_func = self.optimizer.start_grad_sync
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
             lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
@@ -250,6 +255,7 @@ class Trainer:
     def save(self) -> None:
         from megatron_swiftmoe.training.checkpointing import save_checkpoint
 
+        self.optimizer.finish_param_sync()  # no transfer in flight while saving
         start = time.time()
         guard = self.save_lock.verify if self.save_lock else None
         path = save_checkpoint(self.args.save, self.iteration, self.args, self.state(), guard=guard)
@@ -386,6 +392,7 @@ class Trainer:
         return {name.replace("load_balancing_loss", "aux_loss"): total / scale for name, total in zip(names, totals)}
 
     def evaluate(self) -> float:
+        self.optimizer.finish_param_sync()
         self.model.eval()
         with torch.no_grad():
             losses = [
@@ -431,6 +438,7 @@ class Trainer:
         while self.iteration < args.train_iters:
             record = self.train_step()
             if not math.isfinite(record["lm_loss"]):  # all-reduced: every rank stops here
+                self.optimizer.finish_param_sync()
                 raise AgreedError(f"lm loss is {record['lm_loss']} at iteration {record['iteration']}; "
                                   "lower --lr or use --clip-grad")
             window.append(record)
@@ -446,6 +454,7 @@ class Trainer:
             if args.exit_interval and self.iteration % args.exit_interval == 0:
                 log0(f"> exiting at iteration {self.iteration} (--exit-interval)")
                 break
+        self.optimizer.finish_param_sync()  # every transfer done before the last save and exit
         progress.clear()
         if args.save and (not args.save_interval or self.iteration % args.save_interval):
             self.save()
