@@ -1,17 +1,25 @@
 #!/usr/bin/env bash
 # Adds (or, with --revert, removes) the one-line SwiftMoE plugin import in a Megatron-LM
 # checkout's pretrain_gpt.py. Idempotent; refuses a checkout whose version it does not know.
-#   patches/apply.sh MEGATRON_LM_DIR [--revert]
+#   patches/apply.sh [--revert] MEGATRON_LM_DIR      (--revert before or after the folder)
 set -euo pipefail
 PATCH="$(cd "$(dirname "$0")" && pwd)/pretrain_gpt.patch"
 SUPPORTED="0.16 0.19"  # megatron-core MAJOR.MINOR of the Megatron-LM trees this is tested on
 MARKER="import megatron_swiftmoe.megatron_lm"
 
-usage() { echo "usage: $0 MEGATRON_LM_DIR [--revert]" >&2; exit 2; }
-[ $# -ge 1 ] && [ $# -le 2 ] || usage
-DIR=$1
-MODE=${2:-apply}
-[ "$MODE" = apply ] || [ "$MODE" = --revert ] || usage
+usage() { echo "usage: $0 [--revert] MEGATRON_LM_DIR" >&2; exit 2; }
+MODE=apply
+DIR=
+for arg in "$@"; do
+    case "$arg" in
+        --revert) MODE=--revert ;;
+        -h|--help) usage ;;
+        -*) echo "error: unknown option $arg" >&2; usage ;;
+        *) [ -z "$DIR" ] || { echo "error: one Megatron-LM folder, got $DIR and $arg" >&2; usage; }
+           DIR=$arg ;;
+    esac
+done
+[ -n "$DIR" ] || usage
 
 INFO="$DIR/megatron/core/package_info.py"
 if [ ! -f "$DIR/pretrain_gpt.py" ] || [ ! -f "$INFO" ]; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""TFLOP/s of SwiftMoE's expert slots: one grouped GEMM (``torch._grouped_mm``) vs a loop over slots.
+"""TFLOP/s of SwiftMoE's expert slots: the grouped kernel (``--swiftmoe-grouped-gemm on``) vs a loop over slots.
 
-Forward + backward of :class:`SlotExperts` on the current device (CUDA if present), in bf16 on
+First prints what the kernel choice sees on this device (torch, ``torch._grouped_mm``, Transformer
+Engine, compute capability) and which kernel ``auto`` and ``on`` pick. Then forward + backward of :class:`SlotExperts` on the current device (CUDA if present), in bf16 on
 CUDA and fp32 on CPU, with uneven tokens per slot as SwiftMoE's split produces them. FLOPs
 count the three GEMMs of a SwiGLU expert, forward (2 x tokens x params) and backward (twice
 that): 6 x tokens x params per step.
@@ -35,7 +36,7 @@ def main() -> None:
     from megatron.core.transformer import TransformerConfig
 
     from megatron_swiftmoe.core import compat
-    from megatron_swiftmoe.core.experts import SlotExperts
+    from megatron_swiftmoe.core.experts import GroupedGemmUnavailable, SlotExperts, slot_kernel, slot_platform
 
     compat.apply()
     device = compat.default_device()
@@ -52,9 +53,21 @@ def main() -> None:
     per_slot[-1] += args.tokens - int(per_slot.sum())
     params = 3 * args.hidden * args.ffn  # fc1 (gate and up, 2F x H) + fc2 (H x F) of one expert
     flops = 6 * args.tokens * params
+    platform = slot_platform(device, dtype)
+    print(f"kernel choice on {platform.describe()}: torch._grouped_mm "
+          f"{'runs' if platform.grouped_mm_works else 'missing' if not platform.has_grouped_mm else 'fails'}"
+          f"{' (' + platform.grouped_mm_error + ')' if platform.grouped_mm_error else ''}, Transformer Engine "
+          f"{platform.transformer_engine or 'not available'}")
+    modes = ["off"]
+    for mode in ("auto", "on"):
+        try:
+            print(f"  --swiftmoe-grouped-gemm {mode}: {slot_kernel(mode, device, dtype).describe()}")
+            modes += [mode] if mode == "on" else []
+        except GroupedGemmUnavailable as error:
+            print(f"  --swiftmoe-grouped-gemm {mode}: {error}")
     print(f"device {device}, {dtype}, {args.slots} slots, {args.tokens} pairs, hidden {args.hidden}, ffn {args.ffn}")
     results = {}
-    for mode in ("on", "off"):
+    for mode in modes[::-1]:
         experts = SlotExperts(args.slots, config, num_slots=args.slots, grouped_gemm=mode, device=device)
         with torch.no_grad():
             for param in experts.parameters():
@@ -77,9 +90,10 @@ def main() -> None:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / args.steps
         results[mode] = seconds
-        name = "grouped GEMM" if mode == "on" else "loop over slots"
-        print(f"{name:<18} {seconds * 1000:8.2f} ms/step  {flops / seconds / 1e12:8.3f} TFLOP/s")
-    print(f"grouped / loop speed: {results['off'] / results['on']:.2f}x")
+        name = slot_kernel(mode, device, dtype).name
+        print(f"{name:<20} {seconds * 1000:8.2f} ms/step  {flops / seconds / 1e12:8.3f} TFLOP/s")
+    if "on" in results:
+        print(f"grouped / loop speed: {results['off'] / results['on']:.2f}x")
 
 
 if __name__ == "__main__":

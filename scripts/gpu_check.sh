@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # The GPU check: one command, about 8 minutes on one GPU (world size 1, NCCL), bf16.
-#   1. SwiftMoE's slots: grouped GEMM vs a loop over slots, TFLOP/s (scripts/bench_slot_gemm.py);
+#   1. SwiftMoE's slots: the kernel --swiftmoe-grouped-gemm auto / on picks here (Transformer
+#      Engine, torch._grouped_mm or the loop, and why), then grouped vs loop TFLOP/s
+#      (scripts/bench_slot_gemm.py);
 #   2. this project's trainer, GPT-Small-shaped MoE (configs/gpt_small_moe.yaml), grouped GEMM:
 #      tokens/s and peak GPU memory;
-#   3. Megatron-LM's own pretrain_gpt.py (patched copy of $MEGATRON_LM_DIR) with --swiftmoe and
+#   3. with several GPUs only (one rank each, up to 8): the exposed expert-communication time
+#      with NCCL, SwiftMoE's expert traffic synchronous vs overlapped (scripts/bench_overlap.py:
+#      how long the compute stream waits for the expert collectives, per iteration); on one GPU
+#      it says so and skips;
+#   4. Megatron-LM's own pretrain_gpt.py (patched copy of $MEGATRON_LM_DIR) with --swiftmoe and
 #      --moe-grouped-gemm, same shape: tokens/s and Megatron's memory report.
 #
-#   bash scripts/gpu_check.sh            (MEGATRON_LM_DIR: a Megatron-LM checkout; step 3 is
+#   bash scripts/gpu_check.sh            (MEGATRON_LM_DIR: a Megatron-LM checkout; step 4 is
 #                                         skipped, saying so, when there is none)
 #
 # Needs torch with CUDA, megatron-core (>= 0.16.1) and this package importable, e.g.
@@ -21,7 +27,7 @@ mkdir -p "$OUT_DIR"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
 "$PY" -c "import megatron.core; print('megatron-core', megatron.core.__version__)"
 
-echo "== 1. slot experts: grouped GEMM vs loop (bf16)"
+echo "== 1. slot experts: kernel choice, grouped GEMM vs loop (bf16)"
 "$PY" scripts/bench_slot_gemm.py --slots 8 --tokens 65536 --hidden 768 --ffn 3072
 
 SHAPE=(--config configs/gpt_small_moe.yaml --mock-data --train-iters 40 --log-interval 10 --eval-iters 0
@@ -36,7 +42,17 @@ print(f"trainer: {statistics.median(r['tokens_per_s'] for r in records):.0f} tok
       f"11..{len(records) + 10}), peak GPU memory {max(r.get('peak_memory_bytes', 0) for r in records) / 2**30:.2f} GiB")
 PY
 
-echo "== 3. Megatron-LM pretrain_gpt.py --swiftmoe, 1 GPU, same shape, bf16, --moe-grouped-gemm"
+GPUS=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+echo "== 3. exposed expert communication with NCCL: synchronous vs overlapped expert traffic"
+if [ "$GPUS" -lt 2 ]; then
+    echo "skipped: this machine has $GPUS GPU; the measurement needs at least 2 (one rank per GPU)"
+else
+    RANKS=$(( GPUS < 8 ? GPUS : 8 ))
+    "$PY" scripts/bench_overlap.py --backend nccl --nproc "$RANKS" --bf16 --layers 8 --hidden 1024 --ffn 4096 \
+        --experts $(( 2 * RANKS )) --slots 4 --seq 1024 --micro-batch-size 4 --micro-batches 4 --iters 10
+fi
+
+echo "== 4. Megatron-LM pretrain_gpt.py --swiftmoe, 1 GPU, same shape, bf16, --moe-grouped-gemm"
 if [ -z "${MEGATRON_LM_DIR:-}" ] || [ ! -f "$MEGATRON_LM_DIR/pretrain_gpt.py" ]; then
     echo "skipped: set MEGATRON_LM_DIR to a Megatron-LM checkout (tag core_v0.16.1 or core_v0.19.0)"
     exit 0

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +17,7 @@ import torch
 
 import torch.distributed as dist
 
+from megatron_swiftmoe.training import savelock
 from megatron_swiftmoe.training.agreement import AgreedError
 from megatron_swiftmoe.training.checkpointing import (
     MUST_MATCH,
@@ -189,8 +195,78 @@ def test_code_running_pickle_is_refused(tmp_path):
     r = run_distributed(code_running_pickle_worker, 1, str(root), str(marker), tmp_path=tmp_path)
     assert r["message"] is not None and "refusing to load" in r["message"]
     assert "rank_00000.pt (rank 0's file of iteration 3)" in r["message"]
-    assert "Unsupported global: GLOBAL exec" in r["message"]
+    assert "Unsupported global: GLOBAL exec" in r["message"] and "weights_only" not in r["message"]
     assert not r["ran_during_load"] and not marker.exists()
     # The payload is live: an unrestricted unpickler runs it.
     torch.load(root / "iter_0000003" / "rank_00000.pt", weights_only=False)
     assert marker.read_text() == "ran"
+
+
+# ---------------------------------------------------------------- the save-directory lock
+
+
+def _lock_record(directory: Path, **owner) -> Path:
+    path = directory / savelock.LOCK_NAME
+    directory.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": "other", "host": "node-a", "pid": 1, "started": 0.0, **owner}))
+    return path
+
+
+def test_save_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setattr(savelock, "HEARTBEAT_S", 0.05)
+    owner = savelock.SaveLock(tmp_path / "live")
+    assert owner.acquire() is None
+    with pytest.raises(savelock.SaveDirectoryInUse) as refused:  # the same host, a live process
+        savelock.SaveLock(tmp_path / "live").acquire()
+    assert (f"--save {tmp_path / 'live'} is in use by another run (host {socket.gethostname()}, process id "
+            f"{os.getpid()}, SLURM job 4242, started ") in str(refused.value)
+    assert f"or delete that file" in str(refused.value) and "older than 300 s" in str(refused.value)
+    beat = owner.path.stat().st_mtime
+    os.utime(owner.path, (beat - 100, beat - 100))
+    time.sleep(0.5)
+    assert owner.path.stat().st_mtime > beat - 50  # the heartbeat refreshed it
+    owner.verify()
+    owner.release()
+    assert not owner.path.exists()
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    cases = {  # lock record -> why its owner is gone (None: alive)
+        "same_host_dead": (dict(host=socket.gethostname(), pid=dead_pid,
+                                process_namespace=savelock._process_namespace()), f"its process {dead_pid} on this host"),
+        "other_container_same_name": (dict(host=socket.gethostname(), pid=dead_pid, process_namespace="other"), None),
+        "other_host_fresh": (dict(host="node-a"), None),
+        "other_host_stale": (dict(host="node-a", stale_after_s=60.0), "its heartbeat stopped"),
+        "slurm_requeued": (dict(host="node-a", slurm_job_id="4242", slurm_restart_count=0), "earlier incarnation"),
+    }
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for name, (record, gone) in cases.items():
+        path = _lock_record(tmp_path / name, **record)
+        if name == "other_host_stale":
+            os.utime(path, (time.time() - 61, time.time() - 61))
+        lock = savelock.SaveLock(tmp_path / name)
+        if gone is None:
+            with pytest.raises(savelock.SaveDirectoryInUse, match=f"host {record['host']}, process id {record.get('pid', 1)}"):
+                lock.acquire()
+            continue
+        notice = lock.acquire()
+        assert notice.startswith(f"--save {tmp_path / name}: taking over the lock of a run that is gone (host "), name
+        assert gone in notice, (name, notice)
+        assert lock.owned() and sorted(p.name for p in (tmp_path / name).iterdir()) == [savelock.LOCK_NAME], name
+        lock.release()
+
+
+def test_save_lock_lost_to_another_run_refuses_to_save(tmp_path):
+    lock = savelock.SaveLock(tmp_path)
+    lock.acquire()
+    lock.path.unlink()  # removed by hand: taken again
+    lock.verify()
+    assert lock.owned()
+    _lock_record(tmp_path, host="node-b", pid=77)  # another run took it over (this one seemed dead)
+    with pytest.raises(savelock.SaveDirectoryInUse) as lost:
+        lock.verify()
+    assert "this run no longer holds" in str(lost.value) and "host node-b, process id 77" in str(lost.value)
+    assert "Not saving" in str(lost.value)
+    lock.release()  # not ours: left in place
+    assert json.loads(lock.path.read_text())["pid"] == 77

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
+from megatron_swiftmoe.training.checkpointing import TRACKER, sha256_file
 from tests.test_checkpointing import damage
 
 pytestmark = pytest.mark.one_version  # not version-dependent: CI's first environment only
@@ -190,3 +193,76 @@ def test_unresponsive_rank_ends_the_job_after_the_timeout(tmp_path):
     assert "rank 1 stops answering at iteration 2" in output
     assert "error: rank 0: a collective operation failed" in output and "--distributed-timeout-minutes (0.25)" in output
     assert elapsed > 15  # rank 0 waited for the timeout
+
+
+# ---------------------------------------------------------------- non-finite gradients, two runs, a full disk
+
+
+def finite_state(rank_file: Path) -> bool:
+    """Every floating-point tensor of a saved rank state (model, optimizer shards) is finite."""
+    state = torch.load(rank_file, map_location="cpu", weights_only=True)
+    tensors = [t for t in [*state["model"].values(), *state["optimizer"]["masters"]]
+               if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return bool(tensors) and all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def test_nan_in_one_expert_gradient_stops_every_rank_before_the_step(tmp_path):
+    save = tmp_path / "ckpt"
+    results, elapsed = launch(tmp_path, 2, *INJECT, "1", "2", "nan", "--", *tiny(2), "--train-iters", "6",
+                              "--save", str(save), "--save-interval", "2")
+    assert [r.returncode for r in results] == [1, 1] and elapsed < BOUND_S, [r.out[-2000:] for r in results]
+    stop = re.compile(r"error: non-finite gradients at iteration 3, found before the optimizer step: NaN or Inf in "
+                      r"the expert gradients of rank 1: transformer layer 1, slot 0 \(expert \d+\): NaN\. Nothing of "
+                      r"this iteration was stepped or saved")
+    assert [len(stop.findall(r.out)) for r in results] == [1, 0], results[0].out[-3000:]
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000002"]
+    assert all(finite_state(save / "iter_0000002" / f"rank_{r:05d}.pt") for r in range(2))
+    assert [r["iteration"] for r in records(save / "metrics.jsonl")] == [1, 2]
+
+
+def test_second_run_on_a_save_directory_refuses_and_the_first_finishes_intact(tmp_path):
+    save, flags = tmp_path / "ckpt", [*tiny(2), "--train-iters", "4", "--save-interval", "2"]
+    log = tmp_path / "first.log"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *INJECT,
+               "0", "2", "pause", "--", *flags, "--save", str(save)]
+    with open(log, "w") as out:  # rank 0 pauses when iteration 3 starts, after the save of iteration 2
+        first = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                 env=_env(INJECT_FAULT_DIR=str(tmp_path)), start_new_session=True)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while not (tmp_path / "paused").exists():
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        second, _ = torchrun(tmp_path, 2, *PROGRAM, *flags, "--save", str(save))
+    finally:
+        (tmp_path / "resume").touch()
+        first.wait(timeout=TIMEOUT_S)
+    pid = (tmp_path / "paused").read_text()
+    assert second.returncode != 0
+    owner = f"--save {save} is in use by another run (host {socket.gethostname()}, process id {pid}, started "
+    assert second.out.count(owner) == 1, second.out[-3000:]
+    assert "Give this run another --save directory" in second.out and " iteration " not in second.out
+    assert first.returncode == 0, log.read_text()[-3000:]
+    assert [r["iteration"] for r in records(save / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000002", "iter_0000004", TRACKER, "metrics.jsonl"]
+    assert (save / TRACKER).read_text() == "4"
+
+
+def test_out_of_space_while_saving_names_the_file_and_keeps_the_previous_checkpoint(tmp_path):
+    save = tmp_path / "ckpt"
+    results, _ = launch(tmp_path, 2, *INJECT, "1", "4", "enospc", "--", *tiny(2), "--train-iters", "6",
+                        "--save", str(save), "--save-interval", "2")
+    assert [r.returncode for r in results] == [1, 1], [r.out[-2000:] for r in results]
+    named = (f"writing the rank files failed on rank 1: cannot write {save / 'iter_0000004.tmp' / 'rank_00001.pt'}: "
+             "No space left on device (ENOSPC)")
+    assert [r.out.count(named) for r in results] == [1, 0], results[0].out[-3000:]
+    assert f"The checkpoint of iteration 4 was not written; {save / TRACKER} still names the previous one" in results[0].out
+    assert "Traceback" not in "".join(r.out for r in results)
+    # The previous checkpoint verifies as a load verifies it: sizes and checksums, weights-only.
+    assert (save / TRACKER).read_text() == "2"
+    files = json.loads((save / "iter_0000002" / "metadata.json").read_text())["files"]
+    for name, recorded in files.items():
+        path = save / "iter_0000002" / name
+        assert (path.stat().st_size, sha256_file(path)) == (recorded["bytes"], recorded["sha256"])
+        assert finite_state(path)

@@ -16,12 +16,14 @@ from megatron_swiftmoe.core.placement import (
     load_counts,
     place,
     place_contiguous,
+    plan_split,
     rank_loads,
-    rank_plan_with_totals,
-    recv_counts,
+    rank_quota,
     replica_capacity,
     replica_counts,
-    send_counts,
+    source_sends,
+    split_layout,
+    split_lower_bound,
     split_plan,
 )
 
@@ -253,30 +255,16 @@ def test_load_counts_errors(pop: torch.Tensor, n: int, s: int, match: str) -> No
 # ---------------------------------------------------------------- place
 
 
-def _place_rounds(popularity: torch.Tensor, counts: torch.Tensor, n: int, s: int) -> torch.Tensor:
-    """The round-based LPT that ``place`` replaced (reference): S rounds of N replicas, each
-    round's heaviest replicas to the currently lightest ranks, at most ceil(c / N) copies."""
-    weight = popularity.to(torch.float64) / counts
-    experts = torch.arange(counts.numel()).repeat_interleave(counts)
-    weight = weight[experts]
-    order = torch.argsort(weight, descending=True, stable=True)
-    experts, weight = experts[order].view(s, n), weight[order].view(s, n)
-    out = torch.empty(n, s, dtype=torch.int64)
-    load = torch.zeros(n, dtype=torch.float64)
-    pos = torch.arange(n)
-    for r in range(s):
-        ranks = torch.argsort(load, stable=True)
-        if r > 0:
-            first = experts[r, 0]
-            m = (experts[r] == first).sum()
-            full = (out[:, :r] == first).sum(1) >= (counts[first] + n - 1) // n
-            pref = torch.argsort(full[ranks].to(torch.int8), stable=True)
-            rank_in_pref = torch.empty_like(pref)
-            rank_in_pref[pref] = pos
-            ranks = ranks[torch.argsort(torch.where(rank_in_pref < m, rank_in_pref, m + pos))]
-        out[ranks, r] = experts[r]
-        load[ranks] = load[ranks] + weight[r]
-    return out.sort(dim=1).values
+def _eplb_style(popularity: torch.Tensor, counts: torch.Tensor, n: int, s: int) -> torch.Tensor:
+    """Replica by replica, heaviest first, to the lightest rank with a free slot (a reference)."""
+    weight = (popularity.double() / counts).tolist()
+    replicas = sorted(((weight[x], x) for x, c in enumerate(counts.tolist()) for _ in range(c)), key=lambda t: (-t[0], t[1]))
+    load, rows = [0.0] * n, [[] for _ in range(n)]
+    for w, x in replicas:
+        r = min((r for r in range(n) if len(rows[r]) < s), key=lambda r: (load[r], r))
+        rows[r].append(x)
+        load[r] += w
+    return torch.tensor(rows)
 
 
 @FAST
@@ -294,28 +282,25 @@ def test_place_properties(case: tuple[torch.Tensor, int, int], rule: str) -> Non
     assert bool((per_rank <= -(-counts // n)).all())
     loads = rank_loads(pop, placement)
     assert loads.shape == (n,) and math.isclose(float(loads.sum()), float(pop.sum()), rel_tol=1e-9, abs_tol=1e-9)
-    # Never worse than LPT without the swaps, and, with host counts (<= N, the default rule),
-    # never worse than the round-based packing it replaced. Not a theorem: on 20000 random
-    # layouts it held every time with load_counts (better in 4423), while with the paper's
-    # counts (several copies per rank) full LPT lost 8 times, by up to 3.9% (better in 5130).
-    top = float(loads.max())
-    assert top <= float(rank_loads(pop, place(pop, counts, n, s, max_swaps=0)).max()) * (1 + 1e-12)
-    if rule == "load":
-        assert top <= float(rank_loads(pop, _place_rounds(pop, counts, n, s)).max()) * (1 + 1e-12)
+    # The swap passes never raise the largest load.
+    assert float(loads.max()) <= float(rank_loads(pop, place(pop, counts, n, s, swap_passes=0)).max()) * (1 + 1e-12)
 
 
-def test_place_never_worse_than_round_based_on_skewed_seeds() -> None:
-    """On 30 seeds x 4 shapes x both count rules, and strictly better on some."""
-    better = 0
-    for seed in range(30):
-        for e, n, s, skew in [(16, 8, 4, 1.0), (64, 32, 4, 1.2), (32, 64, 2, 0.8), (8, 4, 3, 2.0)]:
-            pop = _zipf(e, skew, seed)
-            for counts in (load_counts(pop, n, s), replica_counts(pop, n * s)):
+def test_place_against_eplb_style_on_skewed_seeds() -> None:
+    """The largest expected load (equal split) against replica-by-replica LPT with the same
+    counts, 30 seeds per shape. With the default counts (load_counts: nearly equal replica
+    weights) at most 1% worse on average and 7% in any case (measured 0.8% / 6.5%); with the
+    paper's counts (unequal weights, where dealing one replica per rank and round hurts most)
+    3% / 25% (measured 2.9% / 21%)."""
+    for e, n, s, skew in [(16, 8, 4, 1.0), (64, 32, 4, 1.2), (32, 64, 2, 0.8), (8, 4, 3, 2.0)]:
+        for rule, mean_bound, worst_bound in (("load", 1.01, 1.07), ("paper", 1.03, 1.25)):
+            ratios = []
+            for seed in range(30):
+                pop = _zipf(e, skew, seed)
+                counts = load_counts(pop, n, s) if rule == "load" else replica_counts(pop, n * s)
                 ours = float(rank_loads(pop, place(pop, counts, n, s)).max())
-                rounds = float(rank_loads(pop, _place_rounds(pop, counts, n, s)).max())
-                assert ours <= rounds * (1 + 1e-12), (seed, e, n, s)
-                better += ours < rounds * (1 - 1e-9)
-    assert better > 0
+                ratios.append(ours / float(rank_loads(pop, _eplb_style(pop, counts, n, s)).max()))
+            assert sum(ratios) / len(ratios) <= mean_bound and max(ratios) < worst_bound, (e, n, s, rule, max(ratios))
 
 
 def test_place_strictly_better_than_contiguous() -> None:
@@ -323,29 +308,44 @@ def test_place_strictly_better_than_contiguous() -> None:
     counts = replica_counts(pop, 12)
     assert counts.tolist() == [6, 2, 1, 1, 1, 1]
     assert place_contiguous(counts, 3, 4).tolist() == [[0, 0, 0, 0], [0, 0, 1, 1], [2, 3, 4, 5]]
-    assert place(pop, counts, 3, 4).tolist() == [[0, 0, 1, 4], [0, 0, 1, 5], [0, 0, 2, 3]]
     assert float(rank_loads(pop, place(pop, counts, 3, 4)).max()) == pytest.approx(190 / 3)
     assert float(rank_loads(pop, place_contiguous(counts, 3, 4)).max()) == pytest.approx(250 / 3)
 
 
-def test_place_full_lpt_beats_rounds() -> None:
-    # One slot per expert, 2 ranks x 3 slots. Rounds of N: {10 | 4}, {4 | 4}, {3 -> 8, 2 -> 14}
-    # give {10, 4, 2} = 16. Replica by replica: 10 | 4, 4, 4 (each to the lighter rank, 12 > 10
-    # only after the third), then 3 and 2 to the 10 -> {10, 3, 2} = 15 and {4, 4, 4} = 12.
-    pop = torch.tensor([10.0, 4.0, 4.0, 4.0, 3.0, 2.0])
-    counts = torch.ones(6, dtype=torch.int64)
-    assert _place_rounds(pop, counts, 2, 3).tolist() == [[0, 3, 5], [1, 2, 4]]
-    assert place(pop, counts, 2, 3, max_swaps=0).tolist() == [[0, 4, 5], [1, 2, 3]]
-    assert rank_loads(pop, place(pop, counts, 2, 3)).tolist() == [15.0, 12.0]
-
-
 def test_place_swaps_lower_the_maximum() -> None:
-    # LPT gives {9, 7, 1} = 17 and {8, 7, 5} = 20; swapping a 7 for the 8 gives 18 and 19.
+    # Rounds of LPT give {8, 7, 5} = 20 and {9, 7, 1} = 17; swapping a 7 for the 8 gives 19 / 18.
     pop = torch.tensor([9.0, 8.0, 7.0, 7.0, 5.0, 1.0])
     counts = torch.ones(6, dtype=torch.int64)
-    assert rank_loads(pop, place(pop, counts, 2, 3, max_swaps=0)).tolist() == [17.0, 20.0]
-    assert place(pop, counts, 2, 3).tolist() == [[0, 1, 5], [2, 3, 4]]
-    assert rank_loads(pop, place(pop, counts, 2, 3)).tolist() == [18.0, 19.0]
+    assert sorted(rank_loads(pop, place(pop, counts, 2, 3, swap_passes=0)).tolist()) == [17.0, 20.0]
+    assert sorted(rank_loads(pop, place(pop, counts, 2, 3)).tolist()) == [18.0, 19.0]
+
+
+def test_place_mixes_ranks() -> None:
+    """Ranks whose loads tie do not all take the same experts (the split balances through
+    them): with the jitter, far more distinct rows than without."""
+    pop = _zipf(64, 1.0, 0)
+    counts = load_counts(pop, 256, 4)
+    rows = lambda placement: torch.unique(placement, dim=0).shape[0]  # noqa: E731
+    assert rows(place(pop, counts, 256, 4)) > 2 * rows(place(pop, counts, 256, 4, jitter=0.0))
+
+
+@pytest.mark.parametrize(
+    ("pop", "n", "s"),
+    [
+        (torch.zeros(6, dtype=torch.int64), 4, 3),  # all zero: as uniform
+        (torch.tensor([0, 0, 50, 0, 0, 0]), 4, 3),  # one hot expert: on every rank
+        (torch.tensor([5, 1, 3, 7]), 2, 2),  # N*S == E: one slot each, nothing to replicate
+        (torch.tensor([5, 1, 3, 7]), 8, 1),  # S = 1
+    ],
+)
+def test_place_degenerate_inputs(pop: torch.Tensor, n: int, s: int) -> None:
+    counts = load_counts(pop, n, s)
+    placement = place(pop, counts, n, s)
+    assert torch.equal(torch.bincount(placement.flatten(), minlength=len(pop)), counts)
+    if int(pop.sum()) and int((pop > 0).sum()) == 1:
+        assert bool((placement == int(pop.argmax())).any(1).all())
+    if n * s == len(pop):
+        assert counts.tolist() == [1] * len(pop)
 
 
 def test_place_avoids_duplicates_across_rounds() -> None:
@@ -390,11 +390,11 @@ def test_rank_loads() -> None:
     assert loads.dtype == torch.float64 and loads.tolist() == [4.0, 6.0]
 
 
-# ---------------------------------------------------------------- split plan
+# ---------------------------------------------------------------- split
 
 
-def _quotas(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
-    """Reference quotas, computed slot by slot."""
+def _replica_quotas(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
+    """Reference quotas of the paper's split, computed slot by slot."""
     flat = placement.flatten().tolist()
     total = tokens.sum(0).tolist()
     seen: dict[int, int] = {}
@@ -407,8 +407,24 @@ def _quotas(tokens: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
     return torch.tensor(out)
 
 
-def _check_plan(plan: torch.Tensor, tokens: torch.Tensor, placement: torch.Tensor, rule: str) -> None:
-    """What every split must satisfy (both rules)."""
+def _rank_views(tokens: torch.Tensor, placement: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each rank's view, computed separately from only what it gets: the totals, the ranks'
+    pairs of their slots' experts (the all-gather), and its own pairs and those of the ranks
+    below it (the scan). Returns (quota [F] common to all, send rows [N, F])."""
+    n, e = tokens.shape
+    totals, own, earlier = tokens.sum(0), tokens.gather(1, placement), torch.cumsum(tokens, 0) - tokens
+    quotas, rows = [], []
+    for r in range(n):
+        layout = split_layout(placement.clone(), e)
+        split = plan_split(totals.clone(), own.clone(), layout, rule)
+        quotas.append(split.quota)
+        rows.append(source_sends(tokens[r : r + 1], earlier[r : r + 1], torch.tensor([r]), split, layout)[0])
+    assert all(torch.equal(q, quotas[0]) for q in quotas)  # every rank plans the same quotas
+    return quotas[0], torch.stack(rows)
+
+
+def _check_plan(plan: torch.Tensor, tokens: torch.Tensor, placement: torch.Tensor, rule: str) -> torch.Tensor:
+    """What every split must satisfy (both rules); returns the quotas."""
     n, s = placement.shape
     e = tokens.shape[1]
     assert plan.dtype == torch.int64 and plan.shape == (n, n * s)
@@ -416,186 +432,134 @@ def _check_plan(plan: torch.Tensor, tokens: torch.Tensor, placement: torch.Tenso
     onehot = torch.nn.functional.one_hot(placement.flatten(), e)  # [F, E]
     # Every routed pair is sent exactly once, and only to slots of its expert.
     assert torch.equal(plan @ onehot, tokens)
+    # Every rank's own view gives the same: its sends are its row; what a slot receives from
+    # all sources is the quota every rank planned for it.
+    quota, rows = _rank_views(tokens, placement, rule)
+    assert torch.equal(rows, plan) and torch.equal(plan.sum(0), quota)
+    assert torch.equal(plan, split_plan(tokens.clone(), placement.clone(), rule))  # and again: deterministic
     # Local first: a rank's own slots of e absorb min(its pairs, what those slots compute).
-    quota = plan.sum(0).view(n, s)
+    q = quota.view(n, s)
     for i in range(n):
         for ex in set(placement[i].tolist()):
             mask = placement[i] == ex
-            kept = int(plan[i].view(n, s)[i][mask].sum())
-            assert kept == min(int(tokens[i, ex]), int(quota[i][mask].sum()))
-    assert torch.equal(plan, split_plan(tokens.clone(), placement.clone(), rule))
-    for r in range(n):
-        view = rank_plan_with_totals(tokens, placement, r, rule)
-        assert torch.equal(view.send, plan[r]) and torch.equal(send_counts(tokens, placement, r, rule), plan[r])
-        assert torch.equal(view.recv, plan[:, r * s : (r + 1) * s].T)
-        assert torch.equal(recv_counts(tokens, placement, r, rule), view.recv)
-        assert torch.equal(view.totals, quota.sum(1))
+            assert int(plan[i].view(n, s)[i][mask].sum()) == min(int(tokens[i, ex]), int(q[i][mask].sum()))
+    return quota
 
 
 @FAST
 @given(split_cases())
 def test_replica_split_properties(case: tuple[torch.Tensor, torch.Tensor]) -> None:
     tokens, placement = case
-    plan = split_plan(tokens, placement, "replica")
-    _check_plan(plan, tokens, placement, "replica")
-    assert torch.equal(plan.sum(0), _quotas(tokens, placement))
-
-
-def _brute_force_split(tokens: list[list[int]], placement: list[list[int]]) -> tuple[int, int]:
-    """(smallest largest rank total, most local pairs among such splits) over every integer
-    split of every expert's pairs among the ranks hosting it."""
-    n, e = len(tokens), len(tokens[0])
-    hosts = [sorted({r for r in range(n) if x in placement[r]}) for x in range(e)]
-    total = [sum(row[x] for row in tokens) for x in range(e)]
-
-    def compositions(t: int, k: int):
-        if k == 1:
-            yield (t,)
-            return
-        for first in range(t + 1):
-            for rest in compositions(t - first, k - 1):
-                yield (first,) + rest
-
-    options = [list(compositions(total[x], len(hosts[x]))) if hosts[x] else [()] for x in range(e)]
-    best = (math.inf, 0)
-    for choice in itertools.product(*options):
-        load, local = [0] * n, 0
-        for x, split in enumerate(choice):
-            for r, v in zip(hosts[x], split):
-                load[r] += v
-                local += min(v, tokens[r][x])  # the most a host can keep of its own pairs
-        best = min(best, (max(load), -local))
-    return best[0], -best[1]
-
-
-def _min_cost_split(tokens: list[list[int]], placement: list[list[int]]) -> tuple[int, int]:
-    """The same by flows (networkx): smallest L with a full flow, then a min-cost full flow
-    at L where a pair computed off its source rank costs 1."""
-    import networkx as nx
-
-    n, e = len(tokens), len(tokens[0])
-    hosts = [sorted({r for r in range(n) if x in placement[r]}) for x in range(e)]
-    grand = sum(map(sum, tokens))
-
-    def graph(level: int) -> nx.DiGraph:
-        g = nx.DiGraph()
-        for i in range(n):
-            for x in range(e):
-                if tokens[i][x]:
-                    g.add_edge("s", (i, x), capacity=tokens[i][x], weight=0)
-                    for r in hosts[x]:
-                        g.add_edge((i, x), ("rank", r), capacity=tokens[i][x], weight=int(r != i))
-        for r in range(n):
-            g.add_edge(("rank", r), "t", capacity=level, weight=0)
-        return g
-
-    if grand == 0:
-        return 0, 0
-    level = -(-grand // n)
-    while nx.maximum_flow_value(graph(level), "s", "t") < grand:
-        level += 1
-    g = graph(level)
-    return level, grand - nx.cost_of_flow(g, nx.max_flow_min_cost(g, "s", "t"))
-
-
-@st.composite
-def tiny_split_cases(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor]:
-    n = draw(st.integers(1, 3))
-    s = draw(st.integers(1, 2))
-    e = draw(st.integers(1, min(3, n * s)))
-    extra = draw(st.lists(st.integers(0, e - 1), min_size=n * s - e, max_size=n * s - e))
-    flat = torch.tensor(list(range(e)) + extra, dtype=torch.int64)
-    perm = torch.tensor(draw(st.permutations(range(n * s))), dtype=torch.int64)
-    tokens = draw(st.lists(st.integers(0, 3), min_size=n * e, max_size=n * e))
-    return torch.tensor(tokens, dtype=torch.int64).view(n, e), flat[perm].view(n, s)
-
-
-def _rank_load_and_local(plan: torch.Tensor, placement: torch.Tensor) -> tuple[int, int]:
-    n, s = placement.shape
-    loads = plan.sum(0).view(n, s).sum(1)
-    return int(loads.max()), sum(int(plan[i].view(n, s)[i].sum()) for i in range(n))
+    quota = _check_plan(split_plan(tokens, placement, "replica"), tokens, placement, "replica")
+    assert torch.equal(quota, _replica_quotas(tokens, placement))
 
 
 @FAST
 @given(split_cases())
 def test_rank_split_properties(case: tuple[torch.Tensor, torch.Tensor]) -> None:
     tokens, placement = case
-    plan = split_plan(tokens, placement)
-    _check_plan(plan, tokens, placement, "rank")
+    quota = _check_plan(split_plan(tokens, placement), tokens, placement, "rank").view(placement.shape)
     # Several slots of one expert on a rank are one pool: the first computes it all.
     n, s = placement.shape
-    quota = plan.sum(0).view(n, s)
     for i in range(n):
         for j in range(s):
             if placement[i, j] in placement[i, :j]:
                 assert quota[i, j] == 0
-    # Never a larger rank maximum than the paper's equal split.
-    assert quota.sum(1).max() <= split_plan(tokens, placement, "replica").sum(0).view(n, s).sum(1).max()
 
 
-@settings(deadline=None, max_examples=300)
-@given(tiny_split_cases())
-def test_rank_split_is_optimal_against_brute_force(case: tuple[torch.Tensor, torch.Tensor]) -> None:
-    tokens, placement = case
-    got = _rank_load_and_local(split_plan(tokens, placement), placement)
-    assert got == _brute_force_split(tokens.tolist(), placement.tolist())
+def _exact_max(totals: list[int], placement: torch.Tensor) -> int:
+    """The exact smallest largest rank total of any integer split (networkx max flows)."""
+    import networkx as nx
+
+    n = placement.shape[0]
+    grand = sum(totals)
+    if grand == 0:
+        return 0
+    hosts = {x: {r for r in range(n) if x in placement[r].tolist()} for x in range(len(totals)) if totals[x]}
+
+    def feasible(level: int) -> bool:
+        g = nx.DiGraph()
+        for x, ranks in hosts.items():
+            g.add_edge("s", ("e", x), capacity=totals[x])
+            for r in ranks:
+                g.add_edge(("e", x), ("r", r))
+        for r in range(n):
+            g.add_edge(("r", r), "t", capacity=level)
+        return nx.maximum_flow_value(g, "s", "t") == grand
+
+    lo, hi = -(-grand // n), grand
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if feasible(mid) else (mid + 1, hi)
+    return lo
 
 
-def test_rank_split_is_optimal_against_min_cost_flow() -> None:
-    """Larger cases than brute force can do, against networkx's min-cost flow."""
+def _family(kind: str, e: int, g: torch.Generator) -> torch.Tensor:
+    if kind == "one-hot":
+        pop = torch.zeros(e, dtype=torch.float64)
+        pop[int(torch.randint(e, (1,), generator=g))] = 1.0
+        return pop
+    if kind == "lognormal":
+        return torch.exp(1.5 * torch.randn(e, generator=g, dtype=torch.float64))
+    if kind == "uniform":
+        return torch.ones(e, dtype=torch.float64)
+    skew = float(kind.split("-")[1])
+    return torch.arange(1, e + 1, dtype=torch.float64).pow(-skew)[torch.randperm(e, generator=g)]
+
+
+def _pool_equal_max(totals: torch.Tensor, placement: torch.Tensor) -> float:
+    """Largest rank total when every rank hosting e takes T_e / (its hosts), fractional."""
+    n, e = placement.shape[0], totals.numel()
+    hosts = torch.stack([(placement == x).any(1) for x in range(e)], 1).double()  # [N, E]
+    return float((hosts * totals.double() / hosts.sum(0).clamp(min=1)).sum(1).max())
+
+
+def test_rank_split_gap_against_exact_optimum() -> None:
+    """Placements from load_counts + place on one draw of a popularity family (pairs spread
+    unevenly over ranks); the split of the same draw and of the next. The realised largest rank
+    total is the exact optimum or above, never above the equal split over pools (+ S for the
+    integer rounding), and on average over these small, hard cases within 1% of the optimum
+    (measured 0.45%, 9 of 70 cases above 0.5%, the worst 11%: zipf 2 on N = 64, S = 2);
+    split_lower_bound never exceeds the optimum. On a large shape (below) the gap is < 0.5%."""
     g = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        n, s = int(torch.randint(2, 7, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
-        e = int(torch.randint(1, n * s + 1, (1,), generator=g))
-        flat = torch.cat([torch.arange(e), torch.randint(0, e, (n * s - e,), generator=g)])
-        placement = flat[torch.randperm(n * s, generator=g)].view(n, s)
-        scale = torch.randint(0, 40, (1, e), generator=g)  # skewed experts, noisy sources
-        tokens = (scale * torch.rand(n, e, generator=g) * 2).long() * (torch.rand(n, e, generator=g) < 0.8)
-        got = _rank_load_and_local(split_plan(tokens, placement), placement)
-        assert got == _min_cost_split(tokens.tolist(), placement.tolist()), (tokens.tolist(), placement.tolist())
+    shapes = [(8, 4, 4), (16, 16, 2), (32, 16, 4), (64, 32, 4), (16, 64, 1), (12, 3, 4), (64, 64, 2)]
+    gaps = []
+    for kind in ("zipf-1.0", "zipf-2.0", "lognormal", "one-hot", "uniform"):
+        for e, n, s in shapes:
+            pop = _family(kind, e, g)
+            draws = [(pop * 2000 * (0.5 + torch.rand(n, e, generator=g, dtype=torch.float64))).round().long() for _ in range(2)]
+            placement = place(draws[0].sum(0), load_counts(draws[0].sum(0), n, s), n, s)
+            for tokens in draws:
+                totals = tokens.sum(0)
+                realised = int(split_plan(tokens, placement).sum(0).view(n, s).sum(1).max())
+                exact = _exact_max(totals.tolist(), placement)
+                bound = int(split_lower_bound(totals, split_layout(placement, e), torch.rand(n, generator=g)))
+                assert bound <= exact <= realised <= _pool_equal_max(totals, placement) + s, (kind, e, n, s)
+                gaps.append(realised / max(exact, 1) - 1)
+    assert sum(gaps) / len(gaps) < 0.01, sum(gaps) / len(gaps)
 
 
-@pytest.mark.parametrize(
-    ("tokens", "placement"),
-    [  # cases where a cheapest path adds a local pair up to its source's count, and no further
-        ([[11, 50, 18], [0, 0, 8]], [[2, 1, 1], [1, 0, 0]]),
-        ([[3, 42, 22, 0], [0, 64, 5, 0], [16, 0, 0, 1], [0, 21, 20, 4]], [[3, 3, 1], [1, 2, 1], [1, 2, 0], [3, 1, 1]]),
-        ([[0, 14, 3], [29, 6, 0], [23, 0, 0]], [[2, 0, 0], [2, 1, 0], [0, 2, 2]]),
-    ],
-)
-def test_rank_split_locality_conflicts(tokens: list[list[int]], placement: list[list[int]]) -> None:
-    plan = split_plan(torch.tensor(tokens), torch.tensor(placement))
-    _check_plan(plan, torch.tensor(tokens), torch.tensor(placement), "rank")
-    assert _rank_load_and_local(plan, torch.tensor(placement)) == _min_cost_split(tokens, placement)
+def test_rank_split_gap_on_a_large_placement() -> None:
+    """E = 64, N = 256, S = 4, zipf 1: the next draw's split within 0.5% of the optimum."""
+    e, n, s = 64, 256, 4
+    draws = [_zipf(e, 1.0, 0)[None] * (0.5 + torch.rand(n, e, generator=torch.Generator().manual_seed(k), dtype=torch.float64)) / 50
+             for k in range(2)]
+    draws = [d.round().long() for d in draws]
+    placement = place(draws[0].sum(0), load_counts(draws[0].sum(0), n, s), n, s)
+    totals = draws[1].sum(0)
+    realised = int(split_plan(draws[1], placement).sum(0).view(n, s).sum(1).max())
+    assert realised <= _exact_max(totals.tolist(), placement) * 1.005
 
 
-def test_rank_split_is_optimal_on_planned_placements() -> None:
-    """What runs in training: placements from load_counts + place on one micro-batch's
-    popularity, split on the next one's pairs (the greedy fill leaves pairs to the augmenting
-    paths here), against networkx's min-cost flow."""
-    shapes = [(8, 12, 2, 1.0), (8, 8, 3, 1.5), (12, 10, 2, 1.2), (6, 8, 4, 2.0), (16, 16, 2, 1.0)]
-    for seed, (e, n, s, skew) in enumerate(shapes * 3):
-        g = torch.Generator().manual_seed(seed)
-        prob = _zipf(e, skew, seed).double()
-        draw = [(prob / prob.sum() * 60 * (0.5 + torch.rand(n, e, generator=g, dtype=torch.float64))).round().long()
-                for _ in range(2)]
-        placement = place(draw[0].sum(0), load_counts(draw[0].sum(0), n, s), n, s)
-        got = _rank_load_and_local(split_plan(draw[1], placement), placement)
-        assert got == _min_cost_split(draw[1].tolist(), placement.tolist()), (e, n, s, skew, seed)
-
-
-def test_rank_split_bench_example() -> None:
-    # scripts/bench_layer.py's skewed case: the equal split gives 4212 / 3980 pairs, moving
-    # 294 more of expert 0's pairs to rank 0 gives 4096 / 4096 with the same placement.
-    placement = torch.tensor([[0, 0, 0, 2, 4, 6], [0, 0, 1, 3, 5, 7]])
-    totals = torch.tensor([4096, 586, 585, 586, 585, 585, 584, 585])  # e0 half of 2 x 4096 pairs
-    tokens = torch.stack([totals // 2, totals - totals // 2])
-    replica = split_plan(tokens, placement, "replica").sum(0).view(2, 6).sum(1)
-    rank = split_plan(tokens, placement).sum(0).view(2, 6).sum(1)
-    assert replica.tolist() == [4212, 3980] and rank.tolist() == [4096, 4096]
-    # Each rank keeps its own 2048 pairs of expert 0 but rank 1's 294 surplus ones go to rank 0.
-    plan = split_plan(tokens, placement)
-    assert plan[0, 0] == 2048 and plan[1, 6] == 2048 - 294 and plan[1, 0] == 294
+def test_split_lower_bound_is_exact_at_the_optimum() -> None:
+    # Expert 0 only on ranks 0 and 1, with 30 pairs: they take 15 each; experts 1, 2 fill the rest.
+    placement = torch.tensor([[0, 1], [0, 2], [1, 2], [1, 2]])
+    totals = torch.tensor([30, 8, 8])
+    layout = split_layout(placement, 3)
+    assert int(split_lower_bound(totals, layout, torch.tensor([15.0, 15.0, 8.0, 8.0]))) == 15
+    assert int(split_lower_bound(totals, layout, torch.tensor([11.0, 12.0, 12.0, 11.0]))) == 12  # not optimal
+    quota = rank_quota(totals, layout).view(4, 2).sum(1)
+    assert int(quota.max()) == _exact_max(totals.tolist(), placement) == 15
 
 
 @pytest.mark.parametrize("rule", ["rank", "replica"])
@@ -610,6 +574,26 @@ def test_split_degenerate_inputs(rule: str) -> None:
     tokens = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
     plan = split_plan(tokens, torch.tensor([[2], [0], [1]]), rule)
     assert plan.sum(0).tolist() == [18, 12, 15]
+    # One hot expert on every rank (S = 1 and S = 2): an even split, within one pair.
+    tokens = torch.tensor([[101, 0], [0, 0], [5, 0], [0, 0]])
+    plan = split_plan(tokens, torch.tensor([[0], [0], [0], [0]]), rule)
+    assert plan.sum(0).tolist() == [27, 27, 26, 26] if rule == "replica" else sorted(plan.sum(0).tolist()) == [26, 26, 27, 27]
+    placement = torch.tensor([[0, 1], [0, 1], [0, 1], [0, 1]])
+    assert int(split_plan(tokens, placement, rule).sum(0).view(4, 2).sum(1).max()) == 27
+
+
+def test_rank_split_balances_where_replicas_cannot() -> None:
+    # scripts/bench_layer.py's skewed case: the equal split gives 4212 / 3980 pairs; moving
+    # pairs of expert 0 to rank 0 gives 4096 / 4096 with the same placement.
+    placement = torch.tensor([[0, 0, 0, 2, 4, 6], [0, 0, 1, 3, 5, 7]])
+    totals = torch.tensor([4096, 586, 585, 586, 585, 585, 584, 585])  # e0 half of 2 x 4096 pairs
+    tokens = torch.stack([totals // 2, totals - totals // 2])
+    replica = split_plan(tokens, placement, "replica").sum(0).view(2, 6).sum(1)
+    rank = split_plan(tokens, placement).sum(0).view(2, 6).sum(1)
+    assert replica.tolist() == [4212, 3980] and rank.tolist() == [4096, 4096]
+    # Each rank keeps its own 2048 pairs of expert 0; rank 1's surplus goes to rank 0.
+    plan = split_plan(tokens, placement)
+    assert plan[0, 0] == 2048 and plan[1, 6] == 2048 - 294 and plan[1, 0] == 294
 
 
 @pytest.mark.parametrize(
@@ -624,22 +608,14 @@ def test_split_degenerate_inputs(rule: str) -> None:
     ],
 )
 def test_split_plan_errors(tokens: torch.Tensor, placement: torch.Tensor, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        split_plan(tokens, placement)
-    with pytest.raises(ValueError, match=match):
-        split_plan(tokens, placement, "replica")
+    for rule in ("rank", "replica"):
+        with pytest.raises(ValueError, match=match):
+            split_plan(tokens, placement, rule)
 
 
 def test_split_rule_error() -> None:
     with pytest.raises(ValueError, match=r"split rule must be one of \('rank', 'replica'\), got 'expert'"):
         split_plan(torch.tensor([[1]]), torch.tensor([[0]]), "expert")
-
-
-def test_split_views_rank_out_of_range() -> None:
-    with pytest.raises(ValueError, match=r"rank must be in \[0, 1\), got 1"):
-        send_counts(torch.tensor([[1]]), torch.tensor([[0]]), 1)
-    with pytest.raises(ValueError, match=r"rank must be in \[0, 1\), got -1"):
-        recv_counts(torch.tensor([[1]]), torch.tensor([[0]]), -1)
 
 
 def test_capacity_hand_example():

@@ -358,7 +358,8 @@ def apply_megatron_lm() -> None:
     * the distributed optimizer's state is initialised before a ``torch_dist`` load reads it
       (an ordering that only TE/apex optimizers tolerate), and after a load every parameter's
       Adam ``step`` is the checkpoint's (it kept the dummy initialisation's), and a torch-format
-      parameter state, which has no ``step``, loads around it;
+      parameter state, which has no ``step``, loads around it (without autograd: fp32 main
+      parameters are views of the model's);
     * the fused CUDA kernels are not built, and a checkout without compiled dataset helpers
       uses those of the installed megatron-core wheel instead of running ``make``.
     """
@@ -439,12 +440,14 @@ def _init_distributed_optimizer_state_before_loading() -> None:
     @functools.wraps(original_set)
     def set_main_param_and_optimizer_states(self, model_param, tensors):
         # The torch-format parameter state has no ``step`` (TE/apex keep it elsewhere): copy the
-        # tensors it has, keep the step that load_state_dict set.
+        # tensors it has, keep the step that load_state_dict set. Under no_grad: with fp32
+        # parameters the main parameter is a view of the model's, a leaf that requires grad.
         group_index, group_order = self.model_param_group_index_map[model_param]
         state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
         step = state.pop("step", None) if "step" not in tensors else None
         try:
-            original_set(self, model_param, tensors)
+            with torch.no_grad():
+                original_set(self, model_param, tensors)
         finally:
             if step is not None:
                 state["step"] = step

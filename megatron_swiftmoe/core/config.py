@@ -29,9 +29,10 @@ class SwiftMoEConfig:
         placement: ``"balanced"`` packs replicas so that the expected per-rank load is even
             (longest-processing-time packing); ``"contiguous"`` is the paper's layout, where the
             replicas of one expert sit on consecutive slots.
-        grouped_gemm: ``"on"`` computes all slots with one ``torch._grouped_mm``; ``"off"``
-            loops over slots; ``"auto"`` uses the grouped GEMM on CUDA for bf16/fp16 and the
-            loop elsewhere (the loop was measured faster on CPU).
+        grouped_gemm: the slots' kernel (``core/experts.py``, :func:`select_slot_kernel`):
+            ``"auto"`` the fastest that works here (Transformer Engine's grouped GEMM,
+            ``torch._grouped_mm`` or a loop over slots; the loop on CPU, where it was measured
+            faster); ``"on"`` a grouped kernel or an error; ``"off"`` the loop.
         capacity_factor: ``None`` is dropless (SwiftMoE's default). Otherwise every replica
             slot takes at most ``cf * k * T / (N * S)`` of a rank's ``T`` tokens, so expert e
             takes ``ceil(cf * k * T * r_e / (N * S))`` from each rank, ``r_e`` its replicas: with
@@ -49,9 +50,11 @@ class SwiftMoEConfig:
             is on every rank (``placement.load_counts``); ``"paper"`` is the paper's rule,
             replicas proportional to popularity (``placement.replica_counts``).
         split: how an expert's pairs of a micro-batch are divided among its replicas.
-            ``"rank"`` (default) minimises the largest rank total, then keeps the most pairs on
-            their source rank, treating an expert's slots on one rank as one pool; ``"replica"``
-            gives every replica the same share, as the paper (``placement.split_plan``).
+            ``"rank"`` (default) balances the rank totals (``placement.rank_quota``: a few rounds
+            of diffusion from the equal split, near the exact min-max, not exact), treating an
+            expert's slots on one rank as one pool; ``"replica"`` gives every replica the same
+            share, as the paper (``placement.replica_quota``). Both then keep each rank's own
+            pairs local where its quota allows.
     """
 
     slots_per_rank: int = 4
@@ -114,8 +117,10 @@ def add_swiftmoe_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     )
     g.add_argument(
         "--swiftmoe-grouped-gemm", choices=list(GROUPED_GEMM_MODES), default="auto",
-        help="Expert computation: on = one torch._grouped_mm over all slots, off = a loop over "
-        "the slots, auto = grouped GEMM on CUDA with bf16/fp16, the loop otherwise.",
+        help="Expert computation: auto = the fastest kernel that works on this device and dtype "
+        "(on CUDA in bf16/fp16: Transformer Engine's grouped GEMM where installed, else torch._grouped_mm "
+        "on GPUs it has fast kernels for; a loop over the slots otherwise); on = a grouped kernel or stop "
+        "with an error saying why none runs here; off = the loop. The kernel is reported at start-up.",
     )
     g.add_argument(
         "--swiftmoe-replan-interval", type=int, default=1,
@@ -134,8 +139,8 @@ def add_swiftmoe_arguments(parser: argparse.ArgumentParser) -> argparse.Argument
     g.add_argument(
         "--swiftmoe-split", choices=list(SPLIT_RULES), default="rank",
         help="How each micro-batch's pairs of an expert are divided among its replicas: rank "
-        "(default) minimises the largest rank total, then keeps pairs on their source rank; "
-        "replica: an equal share per replica, the paper's rule.",
+        "(default) balances the rank totals (near the smallest possible largest total), then keeps "
+        "pairs on their source rank where it can; replica: an equal share per replica, the paper's rule.",
     )
     return parser
 

@@ -96,18 +96,16 @@ def shard_rectangles(
 
 def plan_placement(popularity: torch.Tensor, num_ranks: int, swiftmoe: SwiftMoEConfig) -> torch.Tensor:
     """Replica counts (``swiftmoe.replica_counts``) and placement ``[N, S]`` (``swiftmoe.placement``)
-    for ``popularity [E]``, planned on the host (one copy per layer and step), returned on its device."""
+    for ``popularity [E]``, planned with tensor operations on popularity's device."""
     slots = swiftmoe.slots_per_rank
-    host = popularity.detach().cpu()
+    popularity = popularity.detach()
     if swiftmoe.replica_counts == "paper":
-        counts = placement_lib.replica_counts(host, num_ranks * slots)
+        counts = placement_lib.replica_counts(popularity, num_ranks * slots)
     else:
-        counts = placement_lib.load_counts(host, num_ranks, slots)
+        counts = placement_lib.load_counts(popularity, num_ranks, slots)
     if swiftmoe.placement == "contiguous":
-        layout = placement_lib.place_contiguous(counts, num_ranks, slots)
-    else:
-        layout = placement_lib.place(host, counts, num_ranks, slots)
-    return layout.to(popularity.device)
+        return placement_lib.place_contiguous(counts, num_ranks, slots)
+    return placement_lib.place(popularity, counts, num_ranks, slots)
 
 
 def replica_group() -> dist.ProcessGroup:
@@ -263,8 +261,25 @@ class SwiftMoELayer(MoELayer):
         return self.placement[self.rank]
 
     @property
+    def split_layout(self) -> tuple[placement_lib.SplitLayout, torch.Tensor]:
+        """``(placement_lib.split_layout(placement), source_index for this rank)``, built once per
+        placement (the dispatcher splits every micro-batch with it).
+
+        Keyed on the buffer's storage and version, so ``set_placement``, ``load_state_dict``
+        and moving the module all refresh it.
+        """
+        key = (self.placement.data_ptr(), self.placement._version, self.placement.device)
+        if getattr(self, "_split_layout_key", None) != key:
+            layout = placement_lib.split_layout(self.placement, self.config.num_moe_experts)
+            rank = torch.tensor([self.rank], device=self.placement.device)
+            self._split_layout = (layout, placement_lib.source_index(layout, rank))
+            self._split_layout_key = key
+        return self._split_layout
+
+    @property
     def host_placement(self) -> torch.Tensor:
-        """``placement`` on the host, copied once per change (the dispatcher plans on the host).
+        """``placement`` on the host, copied once per change (the expert traffic's index
+        bookkeeping runs on the host).
 
         Keyed on the buffer's storage and version, so ``set_placement``, ``load_state_dict``
         and moving the module all refresh it.
@@ -297,8 +312,14 @@ class SwiftMoELayer(MoELayer):
         self.experts.load_flat(flat[self.slot_experts])
 
     def set_placement(self, placement: torch.Tensor) -> None:
-        """Install the placement of the next iteration (its slot weights are written separately)."""
-        self.placement.copy_(placement)
+        """Install the placement of the next iteration (its slot weights are written separately).
+
+        A placement planned on the host also becomes :attr:`host_placement`, so that nobody
+        copies it back from the device (and its copy to the device does not wait for the stream)."""
+        self.placement.copy_(placement, non_blocking=True)
+        if placement.device.type == "cpu":
+            self._host_placement = placement.clone()
+            self._host_placement_key = (self.placement.data_ptr(), self.placement._version)
 
     def _apply(self, fn, recurse: bool = True):
         # Float16Module casts the model to bf16/fp16: the master shards move with it but keep

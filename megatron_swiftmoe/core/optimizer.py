@@ -36,6 +36,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.moe_utils import get_updated_expert_bias
 
 from megatron_swiftmoe.core.layer import SwiftMoELayer, master_dtype, plan_placement, shard_numel, swiftmoe_layers
+from megatron_swiftmoe.core.overlap import ExpertTraffic, expert_comm_groups
 
 
 def _padded(numel: int, num_ranks: int) -> int:
@@ -57,6 +58,22 @@ def attach_main_grad(param: torch.nn.Parameter) -> None:
 def param_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
     """The accumulated gradient of ``param``: its fp32 ``main_grad`` if it has one, else ``grad``."""
     return param.main_grad if hasattr(param, "main_grad") else param.grad
+
+
+class NonFiniteGradients(RuntimeError):
+    """Gradients with a NaN or Inf, found before the optimizer step (nothing was stepped).
+
+    Raised on every rank at once, with the same message (:func:`describe_nonfinite_grads`):
+    the gradient norm that finds them is reduced over all ranks.
+    """
+
+    def at_iteration(self, iteration: int) -> str:
+        """The message for the user, with the iteration the run stopped at."""
+        return (
+            f"non-finite gradients at iteration {iteration}, found before the optimizer step: {self}. Nothing of "
+            "this iteration was stepped or saved; the last checkpoint is from before it. Find the cause (learning "
+            "rate, this iteration's data, a faulty device) before resuming"
+        )
 
 
 class DynamicLossScaler:
@@ -166,55 +183,135 @@ class ExpertShards:
     fp32), updated in place by the optimizer; this class moves gradients from the slots into
     it and updated weights from it into the slots. Shared by :class:`SwiftMoEOptimizer` and the
     Megatron-LM plugin's expert optimizer.
+
+    Each transfer is one all-to-all, in two halves: ``start_*`` builds the send buffer and
+    launches the collective (``async_op=True``: it returns at once), ``finish_*`` waits for it
+    and uses what arrived. The synchronous methods (:meth:`reduce_scatter_grads`,
+    :meth:`scatter_params`) are the two halves back to back, so both paths compute the same
+    bits; :mod:`megatron_swiftmoe.core.overlap` decides when the halves run when they overlap
+    with compute. The index bookkeeping runs on the host placement (``layer.host_placement``),
+    so starting a transfer never waits for the device.
+
+    Args:
+        layer: the SwiftMoE layer.
+        group: the communicator of the transfers: the layer's own group (default) or another
+            over the same ranks in the same order (``overlap.expert_comm_groups``).
     """
 
-    def __init__(self, layer: SwiftMoELayer):
+    def __init__(self, layer: SwiftMoELayer, group: Optional[dist.ProcessGroup] = None):
         self.layer = layer
-        self.group = layer.group
+        self.group = group or layer.group
         self.num_ranks = layer.num_ranks
         self.expert_numel = layer.experts.expert_numel
         self.shard_numel = layer.shard_numel
         self.padded = self.shard_numel * self.num_ranks
         self.master = layer.expert_shard
+        self._grad_exchange: Optional[tuple] = None  # (work, send, recv, distinct) in flight
+        self._param_exchange: Optional[tuple] = None  # (work, send, recv, mine, slot experts) in flight
+        self._planned: Optional[torch.Tensor] = None  # the next placement, planned early (plan_early)
 
-    def _distinct(self, placement: torch.Tensor) -> list[torch.Tensor]:
-        """Sorted distinct experts held by each rank: N tensors."""
-        return [torch.unique(row) for row in placement]
+    def _distinct(self, placement: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """The sorted distinct experts each rank holds, from ``placement`` ``[N, S]`` (host):
+        ``(all of them rank after rank [U_total], U per rank (N ints), this rank's [U])``."""
+        experts = placement.sort(dim=1).values
+        first = torch.ones_like(experts, dtype=torch.bool)
+        first[:, 1:] = experts[:, 1:] != experts[:, :-1]
+        return experts[first], first.sum(1).tolist(), experts[self.layer.rank][first[self.layer.rank]]
+
+    def _exchange(self, recv: torch.Tensor, send: torch.Tensor, recv_sizes: list[int], send_sizes: list[int],
+                  async_op: bool) -> Optional[dist.Work]:
+        """The shards' collective: a variable-size all-to-all over :attr:`group`."""
+        return dist.all_to_all_single(recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes,
+                                      group=self.group, async_op=async_op)
+
+    def _on_device(self, index: torch.Tensor) -> torch.Tensor:
+        return index.to(self.master.device, non_blocking=True)
+
+    # ---- gradients: slots -> owners' shards
+
+    @property
+    def grad_reduction_started(self) -> bool:
+        return self._grad_exchange is not None
+
+    def start_grad_reduction(self, async_op: bool = False) -> int:
+        """Sum the local replicas of each expert and launch the all-to-all that delivers shard r
+        of every local expert to rank r. The slot gradients are released (the send buffer holds
+        their sum). Returns bytes sent."""
+        if self._grad_exchange is not None:
+            raise RuntimeError(f"the expert gradient reduction of {self._name()} was started twice in one step")
+        experts = self.layer.experts
+        params = (experts.fc1, experts.fc2)
+        slot_grads = [
+            (param_grad(p) if param_grad(p) is not None else torch.zeros_like(p)).to(self.master.dtype) for p in params
+        ]
+        slot_flat = experts.flat_slots(*slot_grads)  # [S, P]
+        placement = self.layer.host_placement
+        distinct, counts, local_experts = self._distinct(placement)
+        summed = slot_flat.new_zeros(local_experts.numel(), self.padded)
+        slot_rows = torch.searchsorted(local_experts, placement[self.layer.rank])  # as in scatter_params
+        summed[:, : self.expert_numel].index_add_(0, self._on_device(slot_rows), slot_flat)
+        del slot_grads, slot_flat
+        for param in params:
+            param.grad = None
+            if hasattr(param, "main_grad"):
+                param.main_grad = None
+        # [U, N, shard] -> [N, U, shard]: destination-major for the all-to-all.
+        send = summed.view(-1, self.num_ranks, self.shard_numel).transpose(0, 1).contiguous()
+        recv_rows = [count * self.shard_numel for count in counts]
+        recv = send.new_empty(sum(recv_rows))
+        send_rows = [local_experts.numel() * self.shard_numel] * self.num_ranks
+        work = self._exchange(recv, send.view(-1), recv_rows, send_rows, async_op)
+        self._grad_exchange = (work, send, recv, distinct)
+        return send.numel() * send.element_size()
+
+    def finish_grad_reduction(self, scale: Optional[float] = None) -> None:
+        """Wait for the reduction, then sum what arrived into ``master.grad``, times ``scale``
+        (default ``1 / layer.dp_cp_size``: averaged over the data x context-parallel ranks, as
+        Megatron averages expert gradients; ``1 / N`` without tensor parallelism)."""
+        if self._grad_exchange is None:
+            raise RuntimeError(f"the expert gradient reduction of {self._name()} was never started")
+        work, _, recv, distinct = self._grad_exchange
+        self._grad_exchange = None
+        if work is not None:
+            work.wait()
+        grad = torch.zeros_like(self.master)
+        grad.index_add_(0, self._on_device(distinct), recv.view(-1, self.shard_numel))
+        self.master.grad = grad.mul_(1.0 / self.layer.dp_cp_size if scale is None else scale)
 
     def reduce_scatter_grads(self, scale: Optional[float] = None) -> int:
         """Sum all replicas' gradients into the owners' ``master.grad``, times ``scale``
-        (default ``1 / layer.dp_cp_size``: averaged over the data x context-parallel ranks, as
-        Megatron averages expert gradients; ``1 / N`` without tensor parallelism).
+        (default as :meth:`finish_grad_reduction`), synchronously.
 
         Local replicas of one expert are summed first, then every rank sends shard r of each of
         its distinct experts to rank r. Returns bytes sent.
         """
+        sent = self.start_grad_reduction()
+        self.finish_grad_reduction(scale)
+        return sent
+
+    def _name(self) -> str:
+        return f"MoE layer {self.layer.layer_number}"
+
+    @torch.no_grad()
+    def nonfinite_grad_experts(self) -> torch.Tensor:
+        """Experts whose shard gradient on this rank holds a NaN or Inf, ``[k]`` (local, no
+        collective). Valid once the reduction into ``master.grad`` has completed."""
+        if self.master.grad is None:
+            return torch.zeros(0, dtype=torch.long)
+        return (~torch.isfinite(self.master.grad).all(dim=1)).nonzero().flatten().cpu()
+
+    @torch.no_grad()
+    def nonfinite_slots(self) -> dict[int, str]:
+        """Local slots whose gradient holds a NaN or Inf: ``{slot: "NaN" or "Inf"}`` (local):
+        where a non-finite shard gradient came from, while the slot gradients are still there
+        (until ``zero_grad``)."""
         experts = self.layer.experts
-        slot_grads = [
-            (param_grad(p) if param_grad(p) is not None else torch.zeros_like(p)).to(self.master.dtype)
-            for p in (experts.fc1, experts.fc2)
-        ]
-        slot_flat = experts.flat_slots(*slot_grads)  # [S, P]
-        distinct = self._distinct(self.layer.placement)
-        local_experts = distinct[self.layer.rank]
-        summed = slot_flat.new_zeros(local_experts.numel(), self.padded)
-        slot_rows = torch.searchsorted(local_experts, self.layer.slot_experts)  # as in scatter_params
-        summed[:, : self.expert_numel].index_add_(0, slot_rows, slot_flat)
-        # [U, N, shard] -> [N, U, shard]: destination-major for the all-to-all.
-        send = summed.view(-1, self.num_ranks, self.shard_numel).transpose(0, 1).contiguous()
-        recv_rows = [d.numel() * self.shard_numel for d in distinct]
-        recv = send.new_empty(sum(recv_rows))
-        dist.all_to_all_single(
-            recv,
-            send.view(-1),
-            output_split_sizes=recv_rows,
-            input_split_sizes=[local_experts.numel() * self.shard_numel] * self.num_ranks,
-            group=self.group,
-        )
-        grad = torch.zeros_like(self.master)
-        grad.index_add_(0, torch.cat(distinct), recv.view(-1, self.shard_numel))
-        self.master.grad = grad.mul_(1.0 / self.layer.dp_cp_size if scale is None else scale)
-        return send.numel() * send.element_size()
+        grads = [param_grad(p) for p in (experts.fc1, experts.fc2)]
+        if any(grad is None for grad in grads):
+            return {}
+        flat = experts.flat_slots(*grads)
+        bad = (~torch.isfinite(flat).all(dim=1)).nonzero().flatten().tolist()
+        return {slot: "NaN" if bool(flat[slot].isnan().any()) else "Inf" for slot in bad}
 
     @torch.no_grad()
     def migrate(self, next_placement: torch.Tensor, adam_state: dict) -> tuple[int, int]:
@@ -228,8 +325,9 @@ class ExpertShards:
         authoritative, which keeps the math identical to SwiftMoE's. Returns (bytes sent,
         bytes of the send and receive buffers).
         """
-        current, upcoming = self._distinct(self.layer.placement), self._distinct(next_placement)
-        arrivals = [sorted(set(new.tolist()) - set(old.tolist())) for old, new in zip(current, upcoming)]
+        # The FlexMoE-like baseline: plain host code, once per re-plan.
+        current = [set(row) for row in self.layer.host_placement.tolist()]
+        arrivals = [sorted(set(new) - old) for old, new in zip(current, next_placement.cpu().tolist())]
         master = self.master.detach()
         state = adam_state.get(self.master, {})
         moments = [state.get(key, torch.zeros_like(master)) for key in ("exp_avg", "exp_avg_sq")]
@@ -259,43 +357,102 @@ class ExpertShards:
         element = recv.element_size()
         return sum(send_sizes) * element, (sum(send_sizes) + recv.numel()) * element
 
+    # ---- the next placement
+
+    def record_popularity(self) -> None:
+        """Copy the step popularity to the host without waiting for the device (after each
+        training forward), so that :meth:`plan_early` plans without a device synchronisation."""
+        popularity = self.layer.step_popularity
+        if popularity.device.type == "cpu":
+            self._host_popularity, self._popularity_copied = popularity.clone(), None
+            return
+        if getattr(self, "_host_popularity", None) is None or self._host_popularity.device.type != "cpu":
+            self._host_popularity = torch.empty(popularity.shape, dtype=popularity.dtype, pin_memory=True)
+        self._host_popularity.copy_(popularity, non_blocking=True)
+        self._popularity_copied = torch.get_device_module(popularity.device.type).Event()
+        self._popularity_copied.record()
+
+    def plan_early(self) -> None:
+        """Plan the next placement now (the step's popularity is final: its last forward has
+        run), from the host copy of :meth:`record_popularity`; :meth:`advance` takes it. Only
+        for SwiftMoE's per-step re-plan (``replan_interval`` 1): a FlexMoE-like re-plan plans and
+        migrates in :meth:`advance`."""
+        if self.layer.swiftmoe.replan_interval != 1:
+            return
+        popularity = getattr(self, "_host_popularity", None)
+        if popularity is None:
+            popularity = self.layer.step_popularity
+        elif self._popularity_copied is not None:
+            self._popularity_copied.synchronize()
+        self._planned = plan_placement(popularity, self.num_ranks, self.layer.swiftmoe)
+
+    def discard_plan(self) -> None:
+        """Forget an early plan that no step used (the optimizer skipped the step)."""
+        self._planned = None
+
     @torch.no_grad()
-    def advance(self, steps: int, adam_state: dict) -> tuple[int, int, int]:
+    def advance(self, steps: int, adam_state: dict, async_op: bool = False) -> tuple[int, int, int]:
         """After optimizer step number ``steps``: re-plan when due, send the updated shards to the
-        slots of the (new) placement. Returns (parameter bytes, migration bytes, migration peak).
+        slots of the (new) placement; with ``async_op`` the slots are written by
+        :meth:`finish_param_transfer`. Returns (parameter bytes, migration bytes, migration peak).
         """
         layer = self.layer
-        next_placement = layer.placement.clone()
+        next_placement, self._planned = self._planned, None
         migrated = peak = 0
         if steps % layer.swiftmoe.replan_interval == 0:
-            next_placement = plan_placement(layer.step_popularity, self.num_ranks, layer.swiftmoe)
+            if next_placement is None:
+                next_placement = plan_placement(layer.step_popularity, self.num_ranks, layer.swiftmoe)
             layer.step_popularity.zero_()
             if layer.swiftmoe.replan_interval > 1:
                 migrated, peak = self.migrate(next_placement, adam_state)
-        return self.scatter_params(next_placement), migrated, peak
+        else:
+            next_placement = layer.host_placement.clone()
+        sent = self.start_param_transfer(next_placement, async_op)
+        if not async_op:
+            self.finish_param_transfer()
+        return sent, migrated, peak
+
+    # ---- parameters: owners' shards -> slots of a placement
+
+    @property
+    def param_transfer_pending(self) -> bool:
+        return self._param_exchange is not None
+
+    @torch.no_grad()
+    def start_param_transfer(self, next_placement: torch.Tensor, async_op: bool = False) -> int:
+        """Launch the all-to-all that sends every owner's updated shards to the slots of
+        ``next_placement`` and install that placement; :meth:`finish_param_transfer` writes the
+        slots. Returns bytes sent."""
+        self.finish_param_transfer()  # at most one transfer in flight per layer
+        host = next_placement.cpu()
+        distinct, counts, mine = self._distinct(host)
+        send = self.master.detach()[self._on_device(distinct)].to(self.layer.experts.fc1.dtype)
+        send_rows = [count * self.shard_numel for count in counts]
+        recv = send.new_empty(self.num_ranks, mine.numel(), self.shard_numel)
+        work = self._exchange(recv.view(-1), send.view(-1), [mine.numel() * self.shard_numel] * self.num_ranks,
+                              send_rows, async_op)
+        self._param_exchange = (work, send, recv, mine, host[self.layer.rank])
+        self.layer.set_placement(host)
+        return send.numel() * send.element_size()
+
+    @torch.no_grad()
+    def finish_param_transfer(self) -> None:
+        """Wait for the transfer in flight, if any, and write its weights into the slots."""
+        if self._param_exchange is None:
+            return
+        work, _, recv, mine, slot_experts = self._param_exchange
+        self._param_exchange = None
+        if work is not None:
+            work.wait()
+        full = recv.transpose(0, 1).reshape(mine.numel(), self.padded)[:, : self.expert_numel]
+        self.layer.experts.load_flat(full[self._on_device(torch.searchsorted(mine, slot_experts))])
 
     @torch.no_grad()
     def scatter_params(self, next_placement: torch.Tensor) -> int:
         """Send updated shards to the slots of ``next_placement`` and install it. Returns bytes sent."""
-        experts = self.layer.experts
-        dtype = experts.fc1.dtype
-        distinct = self._distinct(next_placement)
-        send = torch.cat([self.master.detach()[d] for d in distinct]).to(dtype)
-        send_rows = [d.numel() * self.shard_numel for d in distinct]
-        mine = distinct[self.layer.rank]
-        recv = send.new_empty(self.num_ranks, mine.numel(), self.shard_numel)
-        dist.all_to_all_single(
-            recv.view(-1),
-            send.view(-1),
-            output_split_sizes=[mine.numel() * self.shard_numel] * self.num_ranks,
-            input_split_sizes=send_rows,
-            group=self.group,
-        )
-        full = recv.transpose(0, 1).reshape(mine.numel(), self.padded)[:, : self.expert_numel]
-        slot_experts = next_placement[self.layer.rank]
-        experts.load_flat(full[torch.searchsorted(mine, slot_experts)])
-        self.layer.set_placement(next_placement)
-        return send.numel() * send.element_size()
+        sent = self.start_param_transfer(next_placement)
+        self.finish_param_transfer()
+        return sent
 
 
 @dataclass
@@ -308,9 +465,40 @@ class StepStats:
     migration_peak_bytes: int = 0  # extra memory of a FlexMoE-like migration (send + receive)
 
 
+def describe_nonfinite_grads(shards_list: list[ExpertShards]) -> str:
+    """Where the non-finite gradients are, the same text on every rank (collective over the
+    world: call it on every rank, once a gradient norm reduced over all ranks was not finite).
+
+    Names each rank whose expert slots hold a NaN or Inf, with the layer, slot and expert; if no
+    slot gradient is left to look at, the ranks whose shards received them; if neither, the
+    dense (non-expert) gradients.
+    """
+    slots, shards = [], []
+    for index, layer_shards in enumerate(shards_list):
+        number = layer_shards.layer.layer_number
+        layer = f"transformer layer {number}" if number is not None else f"MoE layer {index}"
+        experts = layer_shards.layer.slot_experts.cpu()
+        slots += [f"{layer}, slot {slot} (expert {int(experts[slot])}): {kind}"
+                  for slot, kind in layer_shards.nonfinite_slots().items()]
+        reduced = layer_shards.nonfinite_grad_experts()
+        if len(reduced):
+            shards.append(f"{layer}, its shard of expert(s) {reduced.tolist()}")
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (slots, shards))
+    found = [[f"rank {rank}: {where}" for rank, places in enumerate(everyone) for where in places[kind]]
+             for kind in (0, 1)]
+    lines = found[0] or found[1]  # where they came from, else where they arrived
+    if not lines:
+        return "NaN or Inf in the dense (non-expert) gradients; every expert gradient is finite"
+    shown = lines[:8] + ([f"... and {len(lines) - 8} more"] if len(lines) > 8 else [])
+    return "NaN or Inf in the expert gradients of " + "; ".join(shown)
+
+
 def refresh_slots(shards_list: list[ExpertShards]) -> None:
     """Write every layer's shards into the slots of its current placement, after the shards
     changed outside the optimizer (a load): the slots are a cache of them (collective)."""
+    for shards in shards_list:
+        shards.finish_param_transfer()  # a transfer still in flight carries the old weights
     for shards in shards_list:
         shards.scatter_params(shards.layer.placement)
 
@@ -326,9 +514,15 @@ class SwiftMoEOptimizer:
             not once per replica nor per pipeline stage that holds a copy.
         group: data-parallel group; defaults to Megatron's (with pipeline stages: this stage's).
         loss_scaler: a :class:`DynamicLossScaler` for fp16; ``None`` for fp32/bf16.
+        overlap_grad_reduce, overlap_param_gather: overlap the expert gradient reduction with
+            backward and the re-placement with the next forward (:mod:`.overlap`); the dense
+            ZeRO-1 traffic stays synchronous.
+        timeout: of the communicator of the overlapped expert traffic.
 
     Usage per step: ``zero_grad()``, forward/backward over the micro-batches
-    (``scale_loss(loss).backward()``), then ``step()``.
+    (``scale_loss(loss).backward()``; with ``overlap_grad_reduce`` all but the last inside
+    ``no_sync()``, Megatron's ``config.no_sync_func``), then ``step()``. With
+    ``overlap_param_gather`` call ``finish_param_sync()`` before evaluating, saving or exiting.
     """
 
     def __init__(
@@ -341,6 +535,9 @@ class SwiftMoEOptimizer:
         clip_grad: float = 0.0,
         group: Optional[dist.ProcessGroup] = None,
         loss_scaler: Optional[DynamicLossScaler] = None,
+        overlap_grad_reduce: bool = False,
+        overlap_param_gather: bool = False,
+        timeout=None,
     ):
         modules = [model] if isinstance(model, torch.nn.Module) else list(model)
         self.group = group or parallel_state.get_data_parallel_group()
@@ -374,7 +571,11 @@ class SwiftMoEOptimizer:
             for (_, replicated, _), params in sorted(buckets.items(), reverse=True)
         ]
         self._in_norm = [counted for _, _, counted in sorted(buckets, reverse=True)] + [True] * len(self.layers)
-        self.expert_shards = [ExpertShards(layer) for layer in self.layers]
+        overlap = overlap_grad_reduce or overlap_param_gather
+        groups = expert_comm_groups(self.layers, timeout) if overlap else [None] * len(self.layers)
+        self.expert_shards = [ExpertShards(layer, group) for layer, group in zip(self.layers, groups)]
+        # After attach_main_grad above: its gradient hooks run before the traffic's.
+        self.traffic = ExpertTraffic(self.expert_shards, overlap_grad_reduce, overlap_param_gather)
         self._params = [p for module in modules for p in module.parameters() if p.requires_grad]
 
         # wd_mult: Megatron's OptimizerParamScheduler sets weight_decay = wd * wd_mult per group.
@@ -398,10 +599,23 @@ class SwiftMoEOptimizer:
         return loss * self.loss_scaler.scale if self.loss_scaler else loss
 
     def zero_grad(self) -> None:
+        self.traffic.reset()
         for param in self._params:
             param.grad = None
             if hasattr(param, "main_grad"):
                 param.main_grad = None
+
+    def no_sync(self):
+        """Context of the micro-batches whose gradients only accumulate (``config.no_sync_func``)."""
+        return self.traffic.no_sync()
+
+    def start_grad_sync(self, *unused) -> None:
+        """Start the expert gradient reductions not started yet (``config.grad_sync_func``)."""
+        self.traffic.start_grad_sync()
+
+    def finish_param_sync(self) -> None:
+        """Write every slot whose re-placement is still in flight (before eval, saves, exit)."""
+        self.traffic.finish_param_sync()
 
     def _masters(self) -> list[torch.Tensor]:
         return [s.master for s in self.dense] + [s.master for s in self.expert_shards]
@@ -426,9 +640,13 @@ class SwiftMoEOptimizer:
         stats = StepStats()
         sent = stats.bytes_sent
         sent["dense_grad"] = sum(d.reduce_scatter_grads(self.num_ranks) for d in self.dense)
-        sent["expert_grad"] = sum(s.reduce_scatter_grads() for s in self.expert_shards)
+        sent["expert_grad"] = self.traffic.finish_grad_sync()
 
         stats.grad_norm, stats.skipped = self._unscale_and_norm()
+        if stats.skipped and not self.loss_scaler:
+            # fp16 loss scaling skips such a step (a signal to lower the scale); otherwise they
+            # stop the run before anything is stepped (the norm is the same on every rank).
+            raise NonFiniteGradients(describe_nonfinite_grads(self.expert_shards))
         if self.loss_scaler:
             self.loss_scaler.update(stats.skipped)
         if not stats.skipped:
@@ -440,12 +658,8 @@ class SwiftMoEOptimizer:
 
         self.steps += 1
         sent["dense_param"] = sum(d.all_gather_params() for d in self.dense)
-        sent["expert_param"] = sent["expert_migration"] = 0
-        for shards in self.expert_shards:
-            param_bytes, migrated, peak = shards.advance(self.steps, self.adamw.state)
-            sent["expert_param"] += param_bytes
-            sent["expert_migration"] += migrated
-            stats.migration_peak_bytes = max(stats.migration_peak_bytes, peak)
+        sent["expert_param"], sent["expert_migration"], stats.migration_peak_bytes = self.traffic.start_param_sync(
+            self.steps, self.adamw.state)
         for router in self.routers:
             self._update_expert_bias(router)
         return stats

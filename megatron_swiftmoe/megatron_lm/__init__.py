@@ -7,7 +7,8 @@ is given. On a machine without CUDA it also applies the CPU shims of
 
 * :mod:`.arguments` — the flag group and what SwiftMoE cannot run with;
 * :mod:`.optimizer` — the expert optimizer, chained with Megatron's;
-* :mod:`.checkpointing` — SwiftMoE state in both checkpoint formats;
+* :mod:`.checkpointing` — SwiftMoE state in both checkpoint formats, checks before loading;
+* :mod:`.gradcheck` — non-finite expert gradients caught before any step;
 * :mod:`.hooks` — where each piece plugs into ``pretrain()``.
 """
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 
 from megatron_swiftmoe.core.config import swiftmoe_config_from_args
+from megatron_swiftmoe.core.experts import grouped_gemm_problem
+from megatron_swiftmoe.megatron_lm import startup
 
 
 class SwiftMoEArgumentError(SystemExit):
@@ -67,6 +69,12 @@ def validate_before(args) -> None:
         swiftmoe_config_from_args(args)
     except ValueError as error:
         raise SwiftMoEArgumentError(str(error)) from None
+    if missing := startup.missing_data_paths(args):
+        raise SwiftMoEArgumentError(
+            f"--data-path: no {' / '.join(p + '.bin/.idx' for p in missing)}: each prefix needs PREFIX.bin and "
+            "PREFIX.idx (Megatron's preprocess_data.py writes them); in a container, mount their directory "
+            "(scripts/slurm/megatron_lm.sbatch mounts those of --data-path, --save and --load)"
+        )
     if args.expert_model_parallel_size != 1:
         _notice(
             f"--expert-model-parallel-size {args.expert_model_parallel_size} replaced by 1: SwiftMoE places "
@@ -84,7 +92,8 @@ def validate_before(args) -> None:
     if getattr(args, "moe_grouped_gemm", False):
         _notice(
             f"--moe-grouped-gemm: SwiftMoE's slots compute with --swiftmoe-grouped-gemm "
-            f"{args.swiftmoe_grouped_gemm} (auto: one grouped GEMM over all slots on CUDA in bf16/fp16)"
+            f"{args.swiftmoe_grouped_gemm} (auto: Transformer Engine's grouped GEMM where installed, else "
+            "torch._grouped_mm where fast, else a loop; the 'SwiftMoE on' line names the kernel)"
         )
         # Megatron's static grouped experts are never built: its check of their GPU (and of their
         # kernels' packages) is skipped, then the flag is restored for the model's config
@@ -124,3 +133,5 @@ def validate_after(args) -> None:
         )
     if not 1 <= args.moe_router_topk <= experts:
         raise SwiftMoEArgumentError(f"--moe-router-topk {args.moe_router_topk} must be in [1, --num-experts {experts}]")
+    if problem := grouped_gemm_problem(args.swiftmoe_grouped_gemm, args.params_dtype):
+        raise SwiftMoEArgumentError(problem)

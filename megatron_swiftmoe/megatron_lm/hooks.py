@@ -9,20 +9,22 @@ patched ``pretrain_gpt.py`` trains exactly as the unpatched one.
 | --- | --- |
 | ``arguments.add_megatron_arguments`` | the ``--swiftmoe*`` flag group |
 | ``initialize.validate_args`` | :mod:`.arguments` checks, before any process group |
+| ``training.initialize_megatron`` | the ``--save`` directory's lock (:mod:`~megatron_swiftmoe.training.savelock`) |
 | ``get_gpt_decoder_block_spec`` (``gpt_builders``, ``megatron.training.models.gpt``) | MoE layers become ``SwiftMoELayer`` |
 | ``get_gpt_mtp_block_spec`` (``gpt_builders``, ``gpt_layer_specs``) | so do those of the multi-token-prediction layers |
-| ``training.DDP``, ``wrap_model_chunks_with_ddp``, ``dist_utils._ddp_wrap`` | the expert slots stay out of DDP's buckets |
-| ``training.get_megatron_optimizer`` | Megatron's optimizer without the slots, chained with the expert optimizer; the load monitor |
-| ``training.finalize_model_grads`` | per-token loss scaling of the slot gradients |
-| ``training.train_step`` | per-layer load figures, every iteration |
+| ``training.DDP``, ``dist_utils.DistributedDataParallel``, ``wrap_model_chunks_with_ddp``, ``dist_utils._ddp_wrap`` | the expert slots stay out of DDP's buckets |
+| ``training.get_megatron_optimizer`` | Megatron's optimizer without the slots, chained with the expert optimizer (whose expert traffic each DDP chunk's sync methods drive); the load monitor |
+| ``training.finalize_model_grads`` | per-token loss scaling of the expert gradients; their NaN check (:mod:`.gradcheck`) |
+| ``training.train_step`` | per-layer load figures, every iteration; a stop on non-finite gradients |
 | ``training.training_log`` | the SwiftMoE load line, TensorBoard / W&B scalars |
-| ``training.save_checkpoint`` / ``load_checkpoint`` | per-rank state (torch format), slot refill |
+| ``training.save_checkpoint`` / ``load_checkpoint`` | no expert transfer in flight; per-rank state (torch format), slot refill; checks and errors named |
 | ``checkpointing._build_sharded_state_dict_metadata`` | ``metadata["swiftmoe"]`` (torch_dist) |
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import sys
 from pathlib import Path
@@ -32,11 +34,13 @@ import torch
 
 from megatron_swiftmoe.core.config import add_swiftmoe_arguments
 from megatron_swiftmoe.core.layer import has_moe_layer, replica_group, swiftmoe_layers, swiftmoe_spec
-from megatron_swiftmoe.core.optimizer import refresh_slots
+from megatron_swiftmoe.core.optimizer import NonFiniteGradients, refresh_slots
 from megatron_swiftmoe.megatron_lm import arguments as swiftmoe_arguments
 from megatron_swiftmoe.megatron_lm import checkpointing as swiftmoe_checkpointing
+from megatron_swiftmoe.megatron_lm import gradcheck, startup
 from megatron_swiftmoe.megatron_lm.optimizer import chain_with_experts
-from megatron_swiftmoe.training.agreement import AgreedError
+from megatron_swiftmoe.training.agreement import AgreedError, agree
+from megatron_swiftmoe.training.checkpointing import os_cause, write_failure
 
 
 class _State:
@@ -44,6 +48,7 @@ class _State:
 
     monitor = None  # MoELoadMonitor over the SwiftMoE layers of every pipeline stage
     figures: list = []  # the last iteration's per-layer load figures, all stages in order
+    save_lock = None  # rank 0's SaveLock of --save
 
 
 def _args():
@@ -95,10 +100,17 @@ def _slots_hidden(model_chunks):
             param.requires_grad_(True)
 
 
-def _exit_cleanly(error: Exception):
+def _exit_cleanly(error: Exception | str, status: int = 1):
     """Every rank got the same agreed error: print it once (rank 0) and stop every rank."""
     if torch.distributed.get_rank() == 0:
         print(f"error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(status) from None
+
+
+def _exit_alone(message: str, error: BaseException):
+    """This rank failed alone (the others may wait in a collective): print and stop it; torchrun
+    stops the others, or their collective fails or times out."""
+    print(f"error: rank {torch.distributed.get_rank()}: {message}", file=sys.stderr, flush=True)
     raise SystemExit(1) from error
 
 
@@ -111,6 +123,24 @@ def _add_megatron_arguments(original):
         return add_swiftmoe_arguments(original(parser))
 
     return add_megatron_arguments
+
+
+def _initialize_megatron(original):
+    @functools.wraps(original)
+    def initialize_megatron(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if _active() and torch.distributed.is_initialized():
+            from megatron.training.utils import print_rank_0
+
+            from megatron_swiftmoe.training.savelock import take_save_lock
+
+            try:  # before anything is written: a second run on this --save directory stops here
+                _State.save_lock = take_save_lock(_args().save, torch.distributed.get_rank() == 0, print_rank_0)
+            except AgreedError as error:
+                _exit_cleanly(error)
+        return result
+
+    return initialize_megatron
 
 
 def _validate_args(original):
@@ -152,7 +182,12 @@ def _mtp_block_spec(original):
     return get_gpt_mtp_block_spec
 
 
+@functools.cache
 def _ddp_class(original):
+    """One subclass per DDP class, wherever Megatron-LM names it (``training.DDP``, core_v0.19's
+    ``dist_utils.DistributedDataParallel``): ``train()`` wires ``config.no_sync_func`` only for
+    chunks that are instances of its ``DDP``."""
+
     class SwiftMoEDistributedDataParallel(original):
         """Megatron's DDP for everything but the expert slots (their gradients go to the shards)."""
 
@@ -194,9 +229,17 @@ def _get_megatron_optimizer(original):
             group=replica_group(),
             pipeline_group=parallel_state.get_pipeline_model_parallel_group(),
         )
-        return chain_with_experts(dense, config, model_chunks)
+        startup.announce(model_chunks, _args())
+        timeout = datetime.timedelta(minutes=_args().distributed_timeout_minutes)
+        return chain_with_experts(dense, config, model_chunks, timeout=timeout,
+                                  stop_on_nonfinite=_args().check_for_nan_in_loss_and_grad)
 
     return get_megatron_optimizer
+
+
+def _traffics(model: list) -> list:
+    """The expert traffic of each model chunk (attached by the expert optimizer)."""
+    return [traffic for chunk in model if (traffic := getattr(chunk, "swiftmoe_traffic", None)) is not None]
 
 
 def _finalize_model_grads(original):
@@ -204,14 +247,14 @@ def _finalize_model_grads(original):
     def finalize_model_grads(model, num_tokens=None, *args, **kwargs):
         result = original(model, num_tokens, *args, **kwargs)
         if _active() and num_tokens is not None and num_tokens > 0:
-            # Megatron has just divided every DDP gradient by the global token count.
-            from megatron_swiftmoe.core.optimizer import param_grad
-
-            for layer in swiftmoe_layers(model):
-                for param in layer.experts.parameters():
-                    grad = param_grad(param)
-                    if grad is not None:
-                        grad.div_(num_tokens)
+            # Megatron has just scaled every DDP gradient by 1 / (global token count): the same
+            # for the expert gradients, whose reduction may have finished or not yet.
+            for traffic in _traffics(model):
+                traffic.scale_grads(1.0 / num_tokens)
+        if _active() and _args().check_for_nan_in_loss_and_grad:
+            # Inside the rerun state machine's loop, as DDP's bucket check.
+            gradcheck.validate_expert_grads(
+                [shards for traffic in _traffics(model) for shards in traffic.shards], _args().curr_iteration + 1)
         return result
 
     return finalize_model_grads
@@ -223,7 +266,11 @@ def _finalize_model_grads(original):
 def _train_step(original):
     @functools.wraps(original)
     def train_step(*args, **kwargs):
-        result = original(*args, **kwargs)
+        try:
+            result = original(*args, **kwargs)
+        except NonFiniteGradients as error:  # raised on every rank at once, before any step
+            _exit_cleanly(error.at_iteration(_args().curr_iteration + 1)
+                          + " (--no-check-for-nan-in-loss-and-grad skips such steps instead)", gradcheck.EXIT_CODE)
         if _active() and _State.monitor is not None:
             _State.figures = _State.monitor.collect()  # collective: every rank, every iteration
         return result
@@ -282,16 +329,40 @@ def _iteration_dir(root: str, iteration: int) -> str:
 def _save_checkpoint(original):
     @functools.wraps(original)
     def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs):
-        megatron_args = _args() if _active() else None
-        if megatron_args is not None and megatron_args.ckpt_format == "torch" and not kwargs.get("non_persistent_ckpt"):
-            # Before Megatron's own save, which replaces the tracker file last.
-            pp_rank, dp_rank = _parallel_ranks()
-            layers = swiftmoe_layers(model)
-            experts = optimizer.experts
-            swiftmoe_checkpointing.save_rank_state(
-                _iteration_dir(megatron_args.save, iteration), pp_rank, dp_rank, megatron_args, layers, experts
-            )
-        return original(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs)
+        if not _active():
+            return original(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs)
+        megatron_args = _args()
+        where = f"saving the checkpoint of iteration {iteration} to {megatron_args.save}"
+
+        def prepare() -> None:
+            optimizer.experts.finish_param_sync()  # no expert transfer in flight while saving
+            if _State.save_lock is not None:
+                _State.save_lock.verify()  # still this run's directory
+            if megatron_args.ckpt_format == "torch" and not kwargs.get("non_persistent_ckpt"):
+                # Before Megatron's own save, which replaces the tracker file last.
+                pp_rank, dp_rank = _parallel_ranks()
+                swiftmoe_checkpointing.save_rank_state(
+                    _iteration_dir(megatron_args.save, iteration), pp_rank, dp_rank, megatron_args,
+                    swiftmoe_layers(model), optimizer.experts,
+                )
+
+        try:
+            agree(where, prepare)
+        except AgreedError as error:
+            _exit_cleanly(f"{error}\nThe previous checkpoint stays the latest")
+        try:
+            with swiftmoe_checkpointing.write_errors_named():
+                return original(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs)
+        except Exception as error:  # noqa: BLE001 - OS errors (a full disk) and lost peers are explained
+            from megatron_swiftmoe.training.pretrain_gpt import is_collective_failure
+
+            if is_collective_failure(error):
+                _exit_alone(f"{where}: a collective operation failed ({str(error).strip().splitlines()[0]}): "
+                            "another rank has most likely failed first (see its error)", error)
+            if os_cause(error) is None:
+                raise
+            _exit_alone(f"{where}: {write_failure(megatron_args.save, error)}\n"
+                        "The previous checkpoint stays the latest (Megatron replaces the tracker file last)", error)
 
     return save_checkpoint
 
@@ -299,15 +370,42 @@ def _save_checkpoint(original):
 def _load_checkpoint(original):
     @functools.wraps(original)
     def load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg="load", *args, **kwargs):
-        result = original(ddp_model, optimizer, opt_param_scheduler, load_arg, *args, **kwargs)
-        if _active():
+        if not _active():
+            return original(ddp_model, optimizer, opt_param_scheduler, load_arg, *args, **kwargs)
+        megatron_args = _args()
+        load_dir = getattr(megatron_args, load_arg)
+        try:
+            agree("checking the checkpoint to load", lambda: torch.distributed.get_rank() != 0
+                  or swiftmoe_checkpointing.check_before_load(load_dir, megatron_args))
             try:
-                _after_load(ddp_model, optimizer, getattr(_args(), load_arg))
-            except AgreedError as error:
-                _exit_cleanly(error)
+                with swiftmoe_checkpointing.unpickling_refusals_explained():
+                    result = original(ddp_model, optimizer, opt_param_scheduler, load_arg, *args, **kwargs)
+            except SystemExit as stop:
+                if stop.code not in (None, 0):
+                    raise
+                _load_stopped(load_dir, stop)
+            _after_load(ddp_model, optimizer, load_dir)
+        except AgreedError as error:
+            _exit_cleanly(error)
         return result
 
     return load_checkpoint
+
+
+def _load_stopped(load_dir: Optional[str], stop: SystemExit) -> None:
+    """Megatron gave up loading with ``sys.exit()``: status 0, as if the job had succeeded."""
+    found = swiftmoe_checkpointing.iteration_to_load(load_dir)
+    if found is None and _args().exit_on_missing_checkpoint:
+        raise stop  # --exit-on-missing-checkpoint: Megatron's own choice to stop there
+    what = f"the checkpoint of iteration {found[0]} ({found[1]})" if found else "its checkpoint"
+    from megatron.core import parallel_state
+
+    message = (f"--load {load_dir}: Megatron-LM could not load {what}; its message is above. The checkpoint is "
+               "damaged or incomplete: resume from an older one (write its iteration into "
+               "latest_checkpointed_iteration.txt) or start without --load")
+    if parallel_state.get_data_parallel_rank() == 0:  # the other data-parallel ranks failed alike
+        _exit_alone(message, stop)
+    raise SystemExit(1) from stop
 
 
 def _after_load(model, optimizer, load_dir: Optional[str]) -> None:
@@ -357,9 +455,11 @@ def install() -> None:
     from megatron.core.models.gpt import gpt_layer_specs  # core_v0.19's model builder imports it late
     _rebind([arguments], "add_megatron_arguments", _add_megatron_arguments)
     _rebind([arguments, initialize], "validate_args", _validate_args)
+    _rebind([training], "initialize_megatron", _initialize_megatron)
     _rebind([gpt_builders, model_builders], "get_gpt_decoder_block_spec", _block_spec)
     _rebind([gpt_builders, gpt_layer_specs], "get_gpt_mtp_block_spec", _mtp_block_spec)
     _rebind([training], "DDP", _ddp_class)
+    _rebind([dist_utils], "DistributedDataParallel", _ddp_class, required=False)
     _rebind([training], "wrap_model_chunks_with_ddp", _with_slots_hidden, required=False)
     _rebind([dist_utils], "_ddp_wrap", _with_slots_hidden, required=False)
     _rebind([training], "get_megatron_optimizer", _get_megatron_optimizer)
@@ -369,6 +469,7 @@ def install() -> None:
     _rebind([checkpointing, training], "save_checkpoint", _save_checkpoint)
     _rebind([checkpointing, training], "load_checkpoint", _load_checkpoint)
     _rebind([checkpointing], "_build_sharded_state_dict_metadata", _sharded_metadata)
+    startup.hide_unknown_mlp_notice(_active)
     training._swiftmoe_installed = True
 
 

@@ -10,8 +10,13 @@ chains its dense and expert optimizers, so that ``train_step`` drives one object
   gradients, and unscaled by the loss scale of the dense optimizer (fp16);
 * grad-norm clipping: the shards are distinct on every rank, so their squares are summed over
   the whole world (every expert parameter once) and combined with the dense norm;
-* ``step_with_ready_grads``: AdamW on the shards, then the next placement is planned and the
-  updated shards are sent to its slots.
+* ``step_with_ready_grads``: AdamW on the shards, then the updated shards are sent to the slots
+  of the next placement.
+
+With ``--overlap-grad-reduce`` / ``--overlap-param-gather`` (read from each chunk's DDP config)
+the two transfers overlap with backward and the next forward (:mod:`megatron_swiftmoe.core.overlap`):
+each DDP chunk holds its layers' :class:`ExpertTraffic` (``swiftmoe_traffic``), driven by the
+chunk's own synchronisation methods (:func:`_drive_with_ddp`).
 
 The Adam moments are optimizer state; the expert weights themselves are model state (the
 layers' ``expert_shard``), so ``--no-load-optim`` keeps them.
@@ -20,6 +25,7 @@ layers' ``expert_shard``), so ``--no-load-optim`` keeps them.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional
 
 import torch
@@ -29,7 +35,10 @@ from megatron.core.optimizer import ChainedOptimizer, MegatronOptimizer
 
 from megatron_swiftmoe.core.compat import default_device
 from megatron_swiftmoe.core.layer import swiftmoe_layers
-from megatron_swiftmoe.core.optimizer import ExpertShards, attach_main_grad, refresh_slots
+from megatron_swiftmoe.core.optimizer import (
+    ExpertShards, NonFiniteGradients, attach_main_grad, describe_nonfinite_grads, refresh_slots,
+)
+from megatron_swiftmoe.core.overlap import ExpertTraffic, expert_comm_groups
 
 
 class SwiftMoEExpertOptimizer(MegatronOptimizer):
@@ -39,11 +48,11 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
         config: Megatron's ``OptimizerConfig`` (the dense optimizer's, so they chain).
         model_chunks: the DDP-wrapped model chunks.
         loss_scale_source: the dense optimizer, whose loss scale the experts share.
+        timeout: of the communicator of the overlapped expert traffic.
     """
 
-    def __init__(self, config, model_chunks: list, loss_scale_source: MegatronOptimizer):
+    def __init__(self, config, model_chunks: list, loss_scale_source: MegatronOptimizer, timeout=None):
         layers = swiftmoe_layers(model_chunks)
-        self.shards = [ExpertShards(layer) for layer in layers]
         self.loss_scale_source = loss_scale_source
         # Per-token losses: DDP does not average over ranks, finalize_model_grads divides by tokens.
         self.per_token_loss = bool(layers and layers[0].config.calculate_per_token_loss)
@@ -51,6 +60,8 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
             for param in layer.experts.parameters():
                 if param.dtype != torch.float32:
                     attach_main_grad(param)  # fp32 accumulation, like DDP's grad buffers
+        self.traffics = [self._traffic(chunk, timeout) for chunk in model_chunks]
+        self.shards = [shards for traffic in self.traffics for shards in traffic.shards]
         # One param group with Megatron's scheduler fields (see optimizer._get_param_groups).
         group = {
             "params": [shards.master for shards in self.shards],
@@ -71,6 +82,25 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
         self.is_stub_optimizer = not self.shards
         self.steps = 0
         self.bytes_sent = {"expert_grad": 0, "expert_param": 0, "expert_migration": 0}
+
+    def _traffic(self, chunk, timeout) -> ExpertTraffic:
+        """The expert traffic of one model chunk's layers, overlapped as its DDP config says
+        (built after attach_main_grad: its gradient hooks must run after that one)."""
+        ddp_config = getattr(chunk, "ddp_config", None)
+        grad_reduce = bool(getattr(ddp_config, "overlap_grad_reduce", False))
+        param_gather = bool(getattr(ddp_config, "overlap_param_gather", False))
+        layers = swiftmoe_layers([chunk])
+        groups = expert_comm_groups(layers, timeout) if grad_reduce or param_gather else [None] * len(layers)
+        shards = [ExpertShards(layer, group) for layer, group in zip(layers, groups)]
+        traffic = ExpertTraffic(shards, grad_reduce, param_gather, grad_scale=1.0 if self.per_token_loss else None)
+        chunk.swiftmoe_traffic = traffic
+        _drive_with_ddp(chunk, traffic)
+        return traffic
+
+    def finish_param_sync(self) -> None:
+        """Write every slot whose re-placement is still in flight (before saves and loads)."""
+        for traffic in self.traffics:
+            traffic.finish_param_sync()
 
     # ---- gradients
 
@@ -101,6 +131,8 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
         return zeros.item()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        for traffic in self.traffics:
+            traffic.reset()
         for shards in self.shards:
             shards.master.grad = None
             for param in shards.layer.experts.parameters():
@@ -116,8 +148,7 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
         """Slot gradients -> owners' shard gradients, unscaled; True if any is inf/nan (fp16)."""
         if self.is_stub_optimizer:
             return False
-        scale = 1.0 if self.per_token_loss else None  # per-token losses are already normalised
-        self.bytes_sent["expert_grad"] = sum(shards.reduce_scatter_grads(scale) for shards in self.shards)
+        self.bytes_sent["expert_grad"] = sum(traffic.finish_grad_sync() for traffic in self.traffics)
         grads = [shards.master.grad for shards in self.shards]
         if getattr(self.loss_scale_source, "grad_scaler", None) is None:
             return False
@@ -134,12 +165,9 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
             return True
         self.optimizer.step()
         self.steps += 1
-        sent = {"expert_param": 0, "expert_migration": 0}
-        for shards in self.shards:
-            param_bytes, migration_bytes, _ = shards.advance(self.steps, self.optimizer.state)
-            sent["expert_param"] += param_bytes
-            sent["expert_migration"] += migration_bytes
-        self.bytes_sent.update(sent)
+        sent = [traffic.start_param_sync(self.steps, self.optimizer.state) for traffic in self.traffics]
+        self.bytes_sent["expert_param"] = sum(param_bytes for param_bytes, _, _ in sent)
+        self.bytes_sent["expert_migration"] = sum(migrated for _, migrated, _ in sent)
         return True
 
     def step(self):
@@ -218,6 +246,47 @@ class SwiftMoEExpertOptimizer(MegatronOptimizer):
             self._state(shards)["step"].fill_(float(self.steps))
 
 
+def _drive_with_ddp(chunk, traffic: ExpertTraffic) -> None:
+    """Make the DDP chunk's synchronisation methods drive its SwiftMoE expert traffic too, where
+    Megatron drives its buckets: ``no_sync`` (all micro-batches but the last),
+    ``start_grad_sync`` (``config.grad_sync_func``: pipeline stages, after the cooldown) and
+    ``finish_grad_sync`` (``finalize_model_grads``) with ``--overlap-grad-reduce``;
+    ``start_param_sync(force_sync=True)`` (``disable_forward_pre_hook`` / ``force_param_sync``:
+    evaluation, checkpoints, the end of training) finishes every re-placement in flight.
+
+    Wrapped on the instance, whatever DDP class wrapped the chunk: Megatron-LM calls these
+    methods by name on the chunk (and ``disable_forward_pre_hook`` calls ``start_param_sync``)."""
+    if not hasattr(chunk, "start_param_sync"):
+        return  # not a DDP chunk (no data-parallel wrapper): nothing drives it
+    if traffic.grad_reduce:
+        no_sync, start_grad_sync, finish_grad_sync = chunk.no_sync, chunk.start_grad_sync, chunk.finish_grad_sync
+
+        @contextlib.contextmanager
+        def no_sync_with_experts():
+            with no_sync(), traffic.no_sync():
+                yield
+
+        def start_grad_sync_with_experts(*args, **kwargs):
+            start_grad_sync(*args, **kwargs)
+            traffic.start_grad_sync()
+
+        def finish_grad_sync_with_experts(*args, **kwargs):
+            finish_grad_sync(*args, **kwargs)
+            traffic.finish_grad_sync()
+
+        chunk.no_sync = no_sync_with_experts
+        chunk.start_grad_sync = start_grad_sync_with_experts
+        chunk.finish_grad_sync = finish_grad_sync_with_experts
+    start_param_sync = chunk.start_param_sync
+
+    def start_param_sync_with_experts(*args, force_sync: bool = False, **kwargs):
+        start_param_sync(*args, force_sync=force_sync, **kwargs)
+        if force_sync:
+            traffic.finish_param_sync()
+
+    chunk.start_param_sync = start_param_sync_with_experts
+
+
 def _flat_items(state: dict):
     """(key, value) of a nested state dict (Megatron passes the model's under ``"model"``)."""
     for key, value in state.items():
@@ -230,13 +299,44 @@ def _flat_items(state: dict):
 class SwiftMoEChainedOptimizer(ChainedOptimizer):
     """Megatron's ``ChainedOptimizer`` whose last member is the expert optimizer.
 
-    The one difference: under fp16 an overflow in the expert gradients also backs off the
-    dense optimizer's loss scale (Megatron's scaler only sees its own gradients).
+    Two differences:
+
+    * under fp16 an overflow in the expert gradients also backs off the dense optimizer's loss
+      scale (Megatron's scaler only sees its own gradients);
+    * a gradient norm that is not finite (it covers every expert shard, after the reduction, and
+      every dense gradient) never reaches a step: with ``stop_on_nonfinite`` (Megatron's
+      ``--check-for-nan-in-loss-and-grad``, the default) :class:`NonFiniteGradients` is raised on
+      every rank, naming where the NaN or Inf is; without it the step is skipped, as a loss-scale
+      overflow is (Megatron counts a skipped iteration). fp16 with dynamic loss scaling finds
+      overflows in :meth:`prepare_grads` first, and skips.
     """
+
+    stop_on_nonfinite = True
+    _nonfinite = False
 
     @property
     def experts(self) -> SwiftMoEExpertOptimizer:
         return self.chained_optimizers[-1]
+
+    @torch.no_grad()
+    def get_grad_norm(self):
+        grad_norm = super().get_grad_norm()
+        self._nonfinite = grad_norm is not None and not math.isfinite(grad_norm)
+        if self._nonfinite:  # the same norm on every rank: every rank is here
+            where = describe_nonfinite_grads(self.experts.shards)
+            if self.stop_on_nonfinite:
+                raise NonFiniteGradients(where)
+            if dist.get_rank() == 0:
+                print(f"> SwiftMoE: grad norm {grad_norm}: {where}; step skipped "
+                      "(--no-check-for-nan-in-loss-and-grad)", flush=True)
+        return grad_norm
+
+    @torch.no_grad()
+    def step_with_ready_grads(self) -> bool:
+        if self._nonfinite:
+            self._nonfinite = False
+            return False  # nothing stepped: a skipped iteration
+        return super().step_with_ready_grads()
 
     @torch.no_grad()
     def prepare_grads(self) -> bool:
@@ -259,10 +359,13 @@ def _forced_overflow(scaler):
         scaler.update = update
 
 
-def chain_with_experts(dense: MegatronOptimizer, config, model_chunks: list) -> SwiftMoEChainedOptimizer:
+def chain_with_experts(dense: MegatronOptimizer, config, model_chunks: list, timeout=None,
+                       stop_on_nonfinite: bool = True) -> SwiftMoEChainedOptimizer:
     """Megatron's optimizer(s) for everything but the slots, plus the expert optimizer."""
     members = list(dense.chained_optimizers) if isinstance(dense, ChainedOptimizer) else [dense]
-    experts = SwiftMoEExpertOptimizer(config, model_chunks, loss_scale_source=members[0])
-    return SwiftMoEChainedOptimizer([*members, experts])
+    experts = SwiftMoEExpertOptimizer(config, model_chunks, loss_scale_source=members[0], timeout=timeout)
+    chained = SwiftMoEChainedOptimizer([*members, experts])
+    chained.stop_on_nonfinite = stop_on_nonfinite
+    return chained
 
 

@@ -20,7 +20,11 @@ Sources of the shipped constants:
 * Latencies: NCCL's own cost model (``src/graph/tuning.cc``, NCCL 2.18-2.20): ring latency
   ``baseLat + (nsteps - nInterSteps) * intraLat + nInterSteps * interLat``; Simple protocol
   (large messages): baseLat 8.4 us, per-hop 3.4 us over NVLink, 5.7 us over PCIe, 14.0 us over
-  the network; LL protocol (tiny messages): baseLat 6.6 us, per-hop 0.6 / 1.0 / 2.7 us.
+  the network; LL protocol (tiny messages): baseLat 6.6 us, per-hop 0.6 / 1.0 / 2.7 us, the
+  intra-node hop x 1.8 when the ring spans nodes. Tree all-reduce (LL): baseLat 6.8 us +
+  ``2 * ((ranks/nodes - 1) * intraLat + log2(nodes) * interLat)``, intraLat 0.6 (NVLink) /
+  1.0 (PCIe), interLat 5.0 us. NCCL picks the faster of ring and tree for an all-reduce; the
+  all-gather and reduce-scatter have only the ring (NVLS, CollNet and PAT are not modelled).
 
 Bandwidths are the spec rates: achieved NCCL bus bandwidth is typically 80-95 % of them, so
 modelled communication times are optimistic; write a cluster YAML with measured (nccl-tests
@@ -30,6 +34,7 @@ busbw) rates for tighter numbers.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +62,9 @@ class Cluster:
     small_base_latency_us: float = 6.6  # NCCL ring, LL protocol (tiny messages)
     small_intra_hop_us: float = 1.0  # LL per step inside a node (NVLink 0.6, PCIe 1.0)
     small_inter_hop_us: float = 2.7  # LL per step across nodes
+    tree_base_latency_us: float = 6.8  # NCCL tree all-reduce, LL protocol
+    tree_intra_hop_us: float = 1.0  # LL tree step inside a node (NVLink 0.6, PCIe 1.0)
+    tree_inter_hop_us: float = 5.0  # LL tree step across nodes
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -96,7 +104,18 @@ class Cluster:
         steps = 2 * (ranks - 1) if allreduce else ranks - 1
         inter = (2 * nodes if nodes > 1 else 0) if allreduce else nodes - 1
         base, intra_hop, inter_hop = self._latencies(small)
+        if small and nodes > 1:
+            intra_hop *= 1.8  # NCCL: LL's intra-node latency when the ring crosses nodes
         return (base + (steps - inter) * intra_hop + inter * inter_hop) * 1e-6
+
+    def small_allreduce_latency(self, ranks: int, nodes: int) -> float:
+        """Seconds of latency of a tiny all-reduce: the faster of NCCL's LL ring and LL tree."""
+        if ranks <= 1:
+            return 0.0
+        intra = self.tree_intra_hop_us * (1.8 if nodes > 1 else 1.0)
+        tree = self.tree_base_latency_us + 2 * ((ranks // nodes - 1) * intra
+                                                + math.log2(nodes) * self.tree_inter_hop_us)
+        return min(tree * 1e-6, self.ring_latency(ranks, nodes, allreduce=True, small=True))
 
     def a2a_latency(self, multi_node: bool) -> float:
         """Seconds of latency of one all-to-all: one step, all peers at once (a lower bound)."""
@@ -121,7 +140,7 @@ class Cluster:
 _A100_PCIE = dict(peak_tflops=312.0, fp32_tflops=19.5, hbm_gb_s=1935.0, memory_gb=80.0)
 _H100_SXM = dict(
     peak_tflops=989.0, fp32_tflops=67.0, hbm_gb_s=3350.0, memory_gb=80.0, pcie_gb_s=64.0,
-    nic_gbit_s=400.0, nvlink_gb_s=450.0, intra_hop_us=3.4, small_intra_hop_us=0.6,
+    nic_gbit_s=400.0, nvlink_gb_s=450.0, intra_hop_us=3.4, small_intra_hop_us=0.6, tree_intra_hop_us=0.6,
 )
 
 

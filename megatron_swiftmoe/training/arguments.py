@@ -488,6 +488,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="Tensor parallelism: only 1 is supported (accepted for Megatron-LM configs).",
     )
     g.add_argument(
+        "--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=False,
+        help="Overlap SwiftMoE's expert gradient reduction with backward: each MoE layer's slot "
+        "gradients start towards their shard owners as soon as the step's last backward has "
+        "produced them (Megatron-LM's flag; this program's dense ZeRO-1 traffic stays synchronous).",
+    )
+    g.add_argument(
+        "--overlap-param-gather", action=argparse.BooleanOptionalAction, default=False,
+        help="Overlap SwiftMoE's re-placement with the next forward: the updated expert shards "
+        "travel to the next placement while the layers before each MoE layer compute (Megatron-LM's "
+        "flag; this program's dense ZeRO-1 traffic stays synchronous).",
+    )
+    g.add_argument(
         "--distributed-timeout-minutes", type=float, default=10,
         help="Timeout of collective operations: a rank waiting this long for a rank that stopped "
         "answering exits with an error instead of waiting forever. Fractions are accepted.",
@@ -501,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Local directory of the Weights & Biases files (needs --wandb-project).")
     g.add_argument(
         "--metrics-path", default=None,
-        help="JSON-lines file of per-log-interval metrics, written by rank 0. Default: "
+        help="JSON-lines file of metrics, one line per iteration (written and flushed every iteration, by "
+        "rank 0; --log-interval only paces the log lines). Default: "
         "<save>/metrics.jsonl with --save, else runs/<YYYYmmdd-HHMMSS>/metrics.jsonl.",
     )
     g.add_argument("--no-progress", action="store_true", help="Disable the progress bar.")
@@ -1003,6 +1016,15 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             )
     if args.tokenizer_model is not None and not os.path.isfile(args.tokenizer_model):
         fail(f"--tokenizer-model {args.tokenizer_model}: no such file")
+    if args.data_path:
+        missing = [args.data_path[0] + ext for ext in (".bin", ".idx") if not os.path.isfile(args.data_path[0] + ext)]
+        if missing:
+            fail(
+                f"--data-path {args.data_path[0]}: no {' or '.join(missing)}. It takes the prefix of an indexed dataset "
+                "(PREFIX.bin and PREFIX.idx, as python -m megatron_swiftmoe.preprocess_data --output-prefix PREFIX writes "
+                "them); in a container, the directory must be mounted (scripts/slurm/ mounts those of --data-path, --save "
+                "and --load)"
+            )
 
     # Checkpointing.
     if args.load is not None and not os.path.isdir(args.load):
@@ -1024,6 +1046,12 @@ def validate_args(args: argparse.Namespace, world_size: Optional[int] = None) ->
             fail(f"{_flag(dest)} needs --wandb-project")
     if os.path.isdir(args.metrics_path):
         fail(f"--metrics-path {args.metrics_path}: is a directory; give a file name")
+
+    if args.swiftmoe:
+        from megatron_swiftmoe.core.experts import grouped_gemm_problem
+
+        if problem := grouped_gemm_problem(args.swiftmoe_grouped_gemm, args.params_dtype):
+            fail(problem)
 
     # Whatever Megatron's TransformerConfig or SwiftMoE's layer would still reject.
     try:
@@ -1055,6 +1083,8 @@ def parse_args(argv: Optional[list[str]] = None, world_size: Optional[int] = Non
     parser = build_parser()
     try:
         config = _config_path(argv)
+        values: dict[str, Any] = {}
+        given: dict[str, Any] = {}
         if config is not None:
             values = load_config(config, parser)
             given = _given_on_command_line(argv)
@@ -1065,10 +1095,30 @@ def parse_args(argv: Optional[list[str]] = None, world_size: Optional[int] = Non
             parser.set_defaults(**values)
         args = parser.parse_args(argv)
         fill_derived_args(args, world_size)
+        _fit_config_warmup(args, values, given)
         validate_args(args)
     except ArgumentsError as exc:
         parser.error(str(exc))
     return args
+
+
+def _fit_config_warmup(args: argparse.Namespace, config: dict[str, Any], given: dict[str, Any]) -> None:
+    """A ``--config`` warm-up that a shorter ``--train-iters`` on the command line cannot hold
+    (e.g. the quickstart's 30 warm-up iterations with ``--train-iters 20``) is scaled with it, to
+    the config's fraction of its own train-iters, with a notice, instead of failing. A warm-up
+    given on the command line is checked as given."""
+    if "lr_warmup_iters" not in config or "lr_warmup_iters" in given or "train_iters" not in given:
+        return
+    warmup, train, decay = args.lr_warmup_iters, args.train_iters, args.lr_decay_iters
+    if train is None or decay is None or (warmup <= train and warmup < decay):
+        return
+    config_train = config.get("train_iters")
+    scaled = round(warmup * train / config_train) if config_train else train // 10
+    args.lr_warmup_iters = max(0, min(scaled, train, decay - 1))
+    if args.rank == 0:
+        source = f"{warmup} of its {config_train} train-iters" if config_train else f"{warmup}"
+        print(f"> --train-iters {train}: the config's lr-warmup-iters ({source}) scaled to {args.lr_warmup_iters}; "
+              "give --lr-warmup-iters to choose", flush=True)
 
 
 # --------------------------------------------------------------------------------------------

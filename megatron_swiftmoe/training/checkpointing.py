@@ -25,6 +25,8 @@ next older complete iteration, the same one on every rank.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -32,7 +34,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -91,6 +93,60 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class CheckpointWriteError(ExplainedError):
+    """A checkpoint file or directory that could not be written: its path and the cause."""
+
+
+def os_cause(error: BaseException) -> OSError | None:
+    """The OSError behind ``error``: itself or one it was raised from or while handling."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno:
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def write_failure(path: str | Path, error: BaseException) -> CheckpointWriteError:
+    """``error`` raised while writing ``path``, as one message naming the path and the cause
+    (the OS error behind it, where there is one: torch's own message for a full disk is
+    ``unexpected pos ...`` or ``basic_ios::clear``)."""
+    if isinstance(error, CheckpointWriteError):
+        return error
+    cause = os_cause(error)
+    if cause is None:
+        return CheckpointWriteError(f"cannot write {path}: {type(error).__name__}: {str(error).strip()}")
+    name = errno.errorcode.get(cause.errno, str(cause.errno))
+    reason = f"{cause.strerror or os.strerror(cause.errno)} ({name})"
+    if cause.filename and str(cause.filename) != str(path):
+        reason += f" on {cause.filename}"
+    if cause.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason += f"; free space on that filesystem (df -h {Path(path).parent}) or save elsewhere"
+    return CheckpointWriteError(f"cannot write {path}: {reason}")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path):
+    """Turn any failure inside into :func:`write_failure` for ``path``."""
+    try:
+        yield
+    except CheckpointWriteError:
+        raise
+    except Exception as error:  # noqa: BLE001 - every failure gets the path and its cause
+        raise write_failure(path, error) from error
+
+
+def write_torch_file(obj: Any, path: str | Path, sync: bool = True) -> None:
+    """``torch.save(obj, path)`` through a Python file (fsynced), so that an OS error keeps its
+    cause; raises :class:`CheckpointWriteError` naming ``path``."""
+    with writing(path), open(path, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        if sync:
+            os.fsync(handle.fileno())
+
+
 def _metadata(args, iteration: int) -> dict[str, Any]:
     return {"iteration": iteration, **{name: getattr(args, name, None) for name in MUST_MATCH}}
 
@@ -98,12 +154,14 @@ def _metadata(args, iteration: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- save
 
 
-def save_checkpoint(root: str | Path, iteration: int, args, state: dict[str, Any]) -> Path:
+def save_checkpoint(root: str | Path, iteration: int, args, state: dict[str, Any],
+                    guard: Callable[[], None] | None = None) -> Path:
     """Collective: every rank saves ``state`` (its own) for ``iteration`` under ``root``.
 
     A failure on any rank (a full disk, an unpicklable object) raises the same
-    :class:`~megatron_swiftmoe.training.agreement.AgreedError` on every rank and leaves the
-    previous checkpoint and the tracker untouched.
+    :class:`~megatron_swiftmoe.training.agreement.AgreedError` on every rank, naming the file and
+    the cause, and leaves the previous checkpoint and the tracker untouched. ``guard`` runs on
+    rank 0 before anything is written (e.g. the save lock's check) and may raise to stop the save.
     """
     root = Path(root)
     rank = dist.get_rank()
@@ -112,38 +170,51 @@ def save_checkpoint(root: str | Path, iteration: int, args, state: dict[str, Any
 
     def prepare() -> None:
         if rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            for stale in root.glob("iter_*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
-            staging.mkdir()
+            if guard is not None:
+                guard()
+            with writing(staging):
+                root.mkdir(parents=True, exist_ok=True)
+                for stale in root.glob("iter_*.tmp"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                staging.mkdir()
 
     def write() -> dict[str, Any]:
         rank_file = _rank_file(staging, rank)
-        torch.save(state, rank_file)
-        fsync_file(rank_file)
+        write_torch_file(state, rank_file)
         return {"bytes": rank_file.stat().st_size, "sha256": sha256_file(rank_file)}
-
-    agree(f"saving checkpoint {final}: creating {staging}", prepare)
-    files = agree(f"saving checkpoint {final}: writing the rank files", write, gather=True)
 
     def commit() -> None:
         if rank != 0:
             return
         names = [_rank_file(staging, r).name for r in range(len(files))]
         metadata = {**_metadata(args, iteration), "files": dict(zip(names, files))}
-        (staging / "metadata.json").write_text(json.dumps(metadata, indent=1))
-        fsync_file(staging / "metadata.json")
+        with writing(staging / "metadata.json"):
+            (staging / "metadata.json").write_text(json.dumps(metadata, indent=1))
+            fsync_file(staging / "metadata.json")
         replaced = final.with_name(final.name + ".old.tmp")
-        if final.exists():  # re-saving an iteration (e.g. after a resume): replace it whole
-            final.rename(replaced)  # removed once the new one is in place (or by the next save)
-        staging.rename(final)
+        with writing(final):
+            if final.exists():  # re-saving an iteration (e.g. after a resume): replace it whole
+                final.rename(replaced)  # removed once the new one is in place (or by the next save)
+            try:
+                staging.rename(final)
+            except OSError:
+                if replaced.exists():
+                    replaced.rename(final)
+                raise
         tracker_tmp = root / (TRACKER + ".tmp")
-        tracker_tmp.write_text(str(iteration))
-        fsync_file(tracker_tmp)
-        os.replace(tracker_tmp, root / TRACKER)
+        with writing(tracker_tmp):
+            tracker_tmp.write_text(str(iteration))
+            fsync_file(tracker_tmp)
+            os.replace(tracker_tmp, root / TRACKER)
         shutil.rmtree(replaced, ignore_errors=True)
 
-    agree(f"saving checkpoint {final}: committing it", commit)
+    try:
+        agree(f"saving checkpoint {final}: creating {staging}", prepare)
+        files = agree(f"saving checkpoint {final}: writing the rank files", write, gather=True)
+        agree(f"saving checkpoint {final}: committing it", commit)
+    except AgreedError as error:
+        raise AgreedError(f"{error}\nThe checkpoint of iteration {iteration} was not written; "
+                          f"{root / TRACKER} still names the previous one") from None
     return final
 
 
@@ -246,15 +317,23 @@ def _read_rank_file(root: Path, iteration: int, args) -> dict[str, Any]:
     try:
         return torch.load(rank_file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or ["unpickling error"]
-        reason = next((line.split(" Please use")[0] for line in lines if "Unpickler error" in line), lines[0])
-        raise CheckpointError(
-            f"refusing to load {whose}: weights-only unpickling rejects it ({reason}). It holds Python "
-            "objects other than tensors and plain containers, which could run code when loaded and which this "
-            "program never writes, or it is corrupt; do not load checkpoints whose origin you do not trust"
-        ) from None
+        raise CheckpointError(f"refusing to load {whose}: {refusal_reason(error)}") from None
     except Exception as error:  # noqa: BLE001 - any other unpickling failure means a corrupt file
         raise CheckpointError(f"cannot load {whose}: {error}; the checkpoint file is corrupt") from error
+
+
+def refusal_reason(error: pickle.UnpicklingError) -> str:
+    """Why weights-only unpickling refused a file, without PyTorch's advice to load it with
+    ``weights_only=False`` (which would run whatever code the file holds)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] + [""]
+    reasons = [(found[0] + (f" {after}" if found[0].endswith(":") else "")).split(" Please use")[0].strip()
+               for line, after in zip(lines, lines[1:]) if (found := re.search(r"\w*Unpickler error:.*", line))]
+    reasons += [line for line in lines if line and "weights_only" not in line and "can still be loaded" not in line]
+    return (
+        f"weights-only unpickling rejects it ({(reasons or ['unpickling error'])[0]}): the file holds a Python "
+        "object that checkpoints never contain, which could run code when loaded, or it is corrupt. Do not load "
+        "checkpoints whose origin you do not trust"
+    )
 
 
 def load_checkpoint(root: str | Path, args, fallback: bool = False) -> tuple[int, dict[str, Any]] | None:

@@ -178,11 +178,14 @@ class Trainer:
         from megatron_swiftmoe.training.arguments import padded_vocab_size, print_args, transformer_config_from_args
         from megatron_swiftmoe.training.model import build_model, moe_layers
         from megatron_swiftmoe.training.monitor import MetricsWriter, MoELoadMonitor
+        from megatron_swiftmoe.training.savelock import take_save_lock
         from megatron_swiftmoe.core.optimizer import DynamicLossScaler, SwiftMoEOptimizer
 
         self.args = args
         if dist.get_rank() == 0:
             print_args(args)
+        # Before anything is written: a second run on this --save directory stops here.
+        self.save_lock = take_save_lock(args.save, dist.get_rank() == 0, log0)
         self.device = compat.default_device()
         vocab_size, self.train_data, self.valid_data = build_data(args)
         args.padded_vocab_size = padded_vocab_size(vocab_size, args)
@@ -196,9 +199,14 @@ class Trainer:
         self.optimizer = SwiftMoEOptimizer(
             self.model, lr=args.lr, weight_decay=args.weight_decay, betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_eps, clip_grad=args.clip_grad, loss_scaler=scaler,
+            overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
+            timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes),
         )
         if scaler:
             self.config.grad_scale_func = self.optimizer.scale_loss
+        if args.overlap_grad_reduce:  # as Megatron-LM's train() wires its DDP
+            self.config.no_sync_func = self.optimizer.no_sync
+            self.config.grad_sync_func = self.optimizer.start_grad_sync
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
             lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
@@ -226,8 +234,10 @@ class Trainer:
         num_params = sum(p.numel() for p in self.model.parameters())
         stages = (f"{args.pipeline_model_parallel_size} pipeline stages x {args.data_parallel_size} data-parallel "
                   "ranks" if args.pipeline_model_parallel_size > 1 else f"{args.world_size} ranks")
+        kernel = self.moe_layers[0].experts.kernel(self.device) if args.swiftmoe and self.moe_layers else None
         log0(f"> model: {num_params / 1e6:.2f}M parameters on this rank, "
-             f"{'SwiftMoE' if args.swiftmoe else 'static expert parallelism'}, {stages}, {self.device}")
+             f"{'SwiftMoE' if args.swiftmoe else 'static expert parallelism'}, {stages}, {self.device}"
+             + (f"; expert slots: {kernel.describe()}" if kernel else ""))
 
     # ---- checkpoints
 
@@ -245,8 +255,10 @@ class Trainer:
     def save(self) -> None:
         from megatron_swiftmoe.training.checkpointing import save_checkpoint
 
+        self.optimizer.finish_param_sync()  # no transfer in flight while saving
         start = time.time()
-        path = save_checkpoint(self.args.save, self.iteration, self.args, self.state())
+        guard = self.save_lock.verify if self.save_lock else None
+        path = save_checkpoint(self.args.save, self.iteration, self.args, self.state(), guard=guard)
         log0(f"> saved checkpoint {path} ({time.time() - start:.1f}s)")
 
     def load(self) -> None:
@@ -314,7 +326,7 @@ class Trainer:
         clear_aux_losses_tracker()
         layers = self.monitor.collect()
         middle = time.time()
-        stats = self.optimizer.step()
+        stats = self.step_optimizer()
         self.scheduler.step(1)
         end = time.time()
         self.iteration += 1
@@ -346,6 +358,16 @@ class Trainer:
             layers=layers,
         )
 
+    def step_optimizer(self):
+        """The optimizer step; non-finite gradients (the same on every rank) stop the run."""
+        from megatron_swiftmoe.core.optimizer import NonFiniteGradients
+        from megatron_swiftmoe.training.agreement import AgreedError
+
+        try:
+            return self.optimizer.step()
+        except NonFiniteGradients as error:
+            raise AgreedError(error.at_iteration(self.iteration + 1)) from None
+
     def all_reduce_sum(self, values: list[torch.Tensor]) -> list[float]:
         if not values:
             return []
@@ -370,6 +392,7 @@ class Trainer:
         return {name.replace("load_balancing_loss", "aux_loss"): total / scale for name, total in zip(names, totals)}
 
     def evaluate(self) -> float:
+        self.optimizer.finish_param_sync()
         self.model.eval()
         with torch.no_grad():
             losses = [
@@ -415,6 +438,7 @@ class Trainer:
         while self.iteration < args.train_iters:
             record = self.train_step()
             if not math.isfinite(record["lm_loss"]):  # all-reduced: every rank stops here
+                self.optimizer.finish_param_sync()
                 raise AgreedError(f"lm loss is {record['lm_loss']} at iteration {record['iteration']}; "
                                   "lower --lr or use --clip-grad")
             window.append(record)
@@ -430,10 +454,13 @@ class Trainer:
             if args.exit_interval and self.iteration % args.exit_interval == 0:
                 log0(f"> exiting at iteration {self.iteration} (--exit-interval)")
                 break
+        self.optimizer.finish_param_sync()  # every transfer done before the last save and exit
         progress.clear()
         if args.save and (not args.save_interval or self.iteration % args.save_interval):
             self.save()
         agree("closing the metrics", self.metrics.close)  # rank 0's file: the last step that can fail on one rank
+        if self.save_lock:
+            self.save_lock.release()
         log0(f"> done: {self.iteration} iterations; metrics in {args.metrics_path}")
 
 
