@@ -207,6 +207,7 @@ class ExpertShards:
         self.padded = self.shard_numel * self.num_ranks
         self.master = layer.expert_shard
         self._grad_exchange: Optional[tuple] = None  # (work, send, recv, distinct) in flight
+        self._slot_sums: Optional[torch.Tensor] = None  # [S], of the last reduction's slot gradients
         self._param_exchange: Optional[tuple] = None  # (work, send, recv, mine, slot experts) in flight
         self._planned: Optional[torch.Tensor] = None  # the next placement, planned early (plan_early)
 
@@ -250,6 +251,9 @@ class ExpertShards:
         summed = slot_flat.new_zeros(local_experts.numel(), self.padded)
         slot_rows = torch.searchsorted(local_experts, placement[self.layer.rank])  # as in scatter_params
         summed[:, : self.expert_numel].index_add_(0, self._on_device(slot_rows), slot_flat)
+        # Non-finite iff the slot's gradient is (NaN stays NaN, an Inf Inf or NaN): what
+        # nonfinite_slots reports once the slot gradients are gone. One more read, no synchronisation.
+        self._slot_sums = slot_flat.sum(dim=1)
         del slot_grads, slot_flat
         for param in params:
             param.grad = None
@@ -303,15 +307,19 @@ class ExpertShards:
     @torch.no_grad()
     def nonfinite_slots(self) -> dict[int, str]:
         """Local slots whose gradient holds a NaN or Inf: ``{slot: "NaN" or "Inf"}`` (local):
-        where a non-finite shard gradient came from, while the slot gradients are still there
-        (until ``zero_grad``)."""
+        where a non-finite shard gradient came from. From the slot gradients while they are
+        there, else from their sums recorded when this step's reduction started (an Inf next
+        to a -Inf reads NaN)."""
         experts = self.layer.experts
         grads = [param_grad(p) for p in (experts.fc1, experts.fc2)]
-        if any(grad is None for grad in grads):
+        if all(grad is not None for grad in grads):
+            flat = experts.flat_slots(*grads)
+            nonfinite, has_nan = ~torch.isfinite(flat).all(dim=1), flat.isnan().any(dim=1)
+        elif self._slot_sums is not None:
+            nonfinite, has_nan = ~torch.isfinite(self._slot_sums), self._slot_sums.isnan()
+        else:
             return {}
-        flat = experts.flat_slots(*grads)
-        bad = (~torch.isfinite(flat).all(dim=1)).nonzero().flatten().tolist()
-        return {slot: "NaN" if bool(flat[slot].isnan().any()) else "Inf" for slot in bad}
+        return {slot: "NaN" if bool(has_nan[slot]) else "Inf" for slot in nonfinite.nonzero().flatten().tolist()}
 
     @torch.no_grad()
     def migrate(self, next_placement: torch.Tensor, adam_state: dict) -> tuple[int, int]:
