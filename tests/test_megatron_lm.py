@@ -93,7 +93,7 @@ def test_patch_applies_once_reverts_and_refuses_unknown_checkouts(tmp_path, tree
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--tensor-model-parallel-size", "2"], "--tensor-model-parallel-size 2 is not supported"),
+        (["--use-torch-fsdp2"], "--use-torch-fsdp2 True is not supported"),
         (["--swiftmoe-slots-per-rank", "1"], "--swiftmoe-slots-per-rank 1 x 2 data-parallel ranks = 2 slots"),
         (["--optimizer", "sgd"], "--optimizer 'sgd' is not supported"),
     ],

@@ -344,7 +344,8 @@ def place(
         out[:, k].index_copy_(0, ranks, items[k])
         load.index_add_(0, ranks, item_weight[k])  # a permutation: one addition per rank
     single = bool((cap == 1).all())
-    for shift in range(swap_passes if n > 1 else 0):
+    # With one slot per rank a swap exchanges two ranks' loads: it never brings both closer.
+    for shift in range(swap_passes if n > 1 and s > 1 else 0):
         _swap_pass(out, weight, cap, single, load, shift)
     return out.sort(dim=1).values
 
