@@ -80,6 +80,7 @@ def two_runs(tree, tmp_path_factory):
     return Run(first.returncode, log.read_text()), second, save, int((folder / "paused").read_text())
 
 
+@pytest.mark.one_version  # the plugin's own checks
 def test_second_run_on_a_save_directory_refuses_and_the_first_finishes_intact(two_runs):
     first, second, save, pid = two_runs
     assert second.returncode != 0, second.output[-3000:]
@@ -231,6 +232,7 @@ print(json.dumps(messages))
 """
 
 
+@pytest.mark.one_version  # the plugin's own checks
 def test_code_running_pickles_are_refused_saying_why(tree, tmp_path):
     """SwiftMoE's per-rank file, and what Megatron prints when SwiftMoE loads: why the file was
     refused, without PyTorch's advice to load it with weights_only=False (which runs it)."""

@@ -9,6 +9,7 @@ records the order of its collectives' starts and waits and of the layers' forwar
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -155,6 +156,7 @@ def test_overlapped_traffic_overlaps_and_is_bit_identical(tmp_path):
 
 # ---------------------------------------------------------------- the trainer, end to end
 
+@pytest.mark.one_version  # our trainer's schedule, not megatron-core's
 def test_trainer_overlaps_train_like_synchronous_and_static_and_resume(tmp_path):
     """PP 2 x DP 2, 4 micro-batches per step, evaluation every 2 iterations, a checkpoint at 3:
     the overlapped run computes the synchronous run's bits, matches the static baseline, and a
@@ -183,6 +185,7 @@ def test_trainer_overlaps_train_like_synchronous_and_static_and_resume(tmp_path)
     assert len({tuple(r["layers"][0]["replicas_per_expert"]) for r in on}) > 1, "replicas never moved"
 
 
+@pytest.mark.one_version  # our trainer's schedule, not megatron-core's
 def test_exception_on_one_rank_with_transfers_in_flight_ends_every_rank(tmp_path):
     """Rank 1 fails as iteration 3 starts, with the re-placement of step 2 in flight and no launcher
     to stop the others: rank 0 still ends by itself, promptly, with its message."""
