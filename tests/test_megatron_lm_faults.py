@@ -20,18 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.megatron_lm import CPU_FLAGS, REPO, TIMEOUT_S, TREES, Run, checkout, environment, launch, skip_reason, tiny_moe
+from tests.megatron_lm import CPU_FLAGS, REPO, TIMEOUT_S, Run, environment, launch, tiny_moe
 
 SWIFTMOE = ["--swiftmoe", "--swiftmoe-slots-per-rank", "3"]
 TRACKER = "latest_checkpointed_iteration.txt"
-
-
-@pytest.fixture(scope="module", params=TREES)
-def tree(request, tmp_path_factory) -> Path:
-    reason = skip_reason(request.param)
-    if reason:
-        pytest.skip(reason)
-    return checkout(tmp_path_factory.mktemp("megatron-lm"), request.param)
 
 
 def fault_command(*flags: str) -> list[str]:

@@ -18,18 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.megatron_lm import TREES, Run, assert_ok, checkout, launch, skip_reason, tiny_moe
+from tests.megatron_lm import Run, assert_ok, launch, tiny_moe
 
 RTOL = 1e-5
 OVERLAP = ["--overlap-grad-reduce", "--overlap-param-gather"]
 NOTICE = "expert traffic: overlapped (gradient reduction with backward, re-placement with the next forward)"
-
-
-@pytest.fixture(scope="module", params=TREES)
-def tree(request, tmp_path_factory) -> Path:
-    if reason := skip_reason(request.param):
-        pytest.skip(reason)
-    return checkout(tmp_path_factory.mktemp("megatron-lm"), request.param)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ without ``--moe-shared-expert-overlap``), every recompute variant.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ import torch.distributed as dist
 
 from megatron_swiftmoe.core.config import SwiftMoEConfig
 from tests.distributed import run_distributed
-from tests.megatron_lm import TREES, Run, assert_ok, checkout, flag_list, grad_norms, launch, skip_reason, tiny_moe
+from tests.megatron_lm import Run, assert_ok, flag_list, grad_norms, launch, tiny_moe
 
 RTOL = 1e-5  # fp32 runs: see tests/test_megatron_lm.py
 
@@ -204,14 +203,6 @@ def test_swiftmoe_layer_equals_static_with_context_and_tensor_parallel_groups(tm
 
 
 # ---------------------------------------------------------------- Megatron-LM's pretrain_gpt.py
-
-
-@pytest.fixture(scope="module", params=TREES)
-def tree(request, tmp_path_factory) -> Path:
-    reason = skip_reason(request.param)
-    if reason:
-        pytest.skip(reason)
-    return checkout(tmp_path_factory.mktemp("megatron-lm"), request.param)
 
 
 def assert_same_training(swift: Run, static: Run, iterations: int) -> None:
