@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.megatron_lm import (
-    PRINTED_ABS, REPO, TREES, assert_ok, checkout, launch, missing_reason, skip_reason, source_tree, tiny_moe,
+    PRINTED_ABS, REPO, TREES, assert_ok, launch, missing_reason, skip_reason, source_tree, tiny_moe,
 )
 
 # fp32 runs: SwiftMoE and the static layer compute every (token, expert) pair with the same
@@ -36,8 +36,8 @@ def tree_name(request) -> str:
 
 
 @pytest.fixture(scope="module")
-def tree(tree_name, tmp_path_factory) -> Path:
-    return checkout(tmp_path_factory.mktemp("megatron-lm"), tree_name)
+def tree(tree_name, patched_checkout) -> Path:
+    return patched_checkout(tree_name)
 
 
 def assert_losses_close(got: dict[int, float], want: dict[int, float], rtol: float = RTOL) -> None:

@@ -69,6 +69,7 @@ def test_two_stages_train_like_one_stage_and_like_the_static_baseline(tmp_path):
     assert len(replicas) > 1, "SwiftMoE never changed its replica counts"
 
 
+@pytest.mark.one_version
 def test_a_stage_without_moe_layers(tmp_path):
     # Layers 1-2 dense (the first stage), 3-4 MoE: 2 stages x 1 rank against 1 rank.
     flags = [*FLAGS, *NO_DROPOUT, "--train-iters", "4", "--eval-iters", "0", "--global-batch-size", "4",
@@ -79,6 +80,7 @@ def test_a_stage_without_moe_layers(tmp_path):
     assert [len(r["layers"]) for r in two_stages] == [2] * 4
 
 
+@pytest.mark.one_version
 def test_two_stage_resume_continues_exactly(tmp_path):
     # With dropout and evaluation: every stage's RNG states and shards must continue.
     one_stage = [*FLAGS, "--swiftmoe", "--train-iters", "6", "--eval-interval", "3", "--eval-iters", "1",

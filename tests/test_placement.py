@@ -562,6 +562,18 @@ def test_split_lower_bound_is_exact_at_the_optimum() -> None:
     assert int(quota.max()) == _exact_max(totals.tolist(), placement) == 15
 
 
+def test_rank_quota_is_exact_at_large_totals() -> None:
+    """Every expert's quotas sum to its total exactly, with 2^40 pairs per expert over 16384
+    slots (a scan over all of them would be off by several pairs in float64)."""
+    e, n, s = 512, 4096, 4
+    popularity = _zipf(e, 1.0, 0)
+    placement = place(popularity, load_counts(popularity, n, s), n, s)
+    totals = 2**40 - torch.randint(0, 2**20, (e,), generator=torch.Generator().manual_seed(0))
+    quota = rank_quota(totals, split_layout(placement, e))
+    assert bool((quota >= 0).all())
+    assert torch.equal(torch.zeros(e, dtype=torch.int64).index_add_(0, placement.flatten(), quota), totals)
+
+
 @pytest.mark.parametrize("rule", ["rank", "replica"])
 def test_split_degenerate_inputs(rule: str) -> None:
     one_rank = split_plan(torch.tensor([[7, 0, 3]]), torch.tensor([[0, 0, 1, 2]]), rule)

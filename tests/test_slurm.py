@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.megatron_lm import CPU_FLAGS, REPO, Run, TREES, checkout, environment, skip_reason, source_tree, tiny_moe
+from tests.megatron_lm import CPU_FLAGS, REPO, Run, TREES, environment, skip_reason, source_tree, tiny_moe
 
 pytestmark = pytest.mark.one_version  # not version-dependent: CI's first environment only
 
@@ -122,7 +122,7 @@ def test_pretrain_gpt_sbatch_trains_on_two_nodes_in_a_container(tmp_path, datase
 
 
 @pytest.mark.parametrize("tree_name", TREES)
-def test_megatron_lm_sbatch_trains_pretrain_gpt_with_swiftmoe(tmp_path, tree_name):
+def test_megatron_lm_sbatch_trains_pretrain_gpt_with_swiftmoe(tmp_path, tree_name, patched_checkout):
     if reason := skip_reason(tree_name):
         pytest.skip(reason)
     env = environment(REPO)  # this project importable; the script starts in the checkout
@@ -130,7 +130,7 @@ def test_megatron_lm_sbatch_trains_pretrain_gpt_with_swiftmoe(tmp_path, tree_nam
                           env={**env, "MEGATRON_LM_DIR": str(source_tree(tree_name))})
     assert unpatched.returncode == 1 and "is not patched: run bash patches/apply.sh" in unpatched.output
 
-    tree = checkout(tmp_path, tree_name)
+    tree = patched_checkout(tree_name)
     ckpt = tmp_path / "ckpt"
     run, records = sbatch(
         "megatron_lm.sbatch", tmp_path, *CPU_FLAGS, *tiny_moe(**{"train-iters": 3}), "--save", str(ckpt),

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel import all_to_all
 from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
 
-from megatron_swiftmoe.core.placement import drop_over_capacity, plan_split, repeat, replica_capacity, source_sends
+from megatron_swiftmoe.core.placement import drop_over_capacity, plan_split, replica_capacity, source_sends
 
 
 def allreduce_exscan(values: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,14 +194,16 @@ class SwiftMoETokenDispatcher(MoETokenDispatcher):
         device = routing_map.device
         pair_expert, pair_token = routing_map.T.nonzero(as_tuple=True)
         slots_by_expert = layout.by_expert
-        pair_slot = repeat(slots_by_expert, send.flatten().index_select(0, slots_by_expert), sum(self.send_splits))
+        pair_slot = torch.repeat_interleave(
+            slots_by_expert, send.flatten().index_select(0, slots_by_expert), output_size=sum(self.send_splits)
+        )
         send_order = torch.argsort(pair_slot, stable=True)
         self.pair_token = pair_token[send_order]
         self.pair_prob = probs[pair_token, pair_expert][send_order]
 
         # Arrivals come source-major; experts want them slot-major.
         local_slots = torch.arange(s, device=device).repeat(n)
-        arrival_slot = repeat(local_slots, recv.flatten(), sum(self.recv_splits))
+        arrival_slot = torch.repeat_interleave(local_slots, recv.flatten(), output_size=sum(self.recv_splits))
         self.slot_major = torch.argsort(arrival_slot, stable=True)
         self.last_routed_pairs = sum(self.send_splits)
         self.last_tokens_per_slot = sizes[2 * n : 2 * n + s]
