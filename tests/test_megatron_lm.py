@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.megatron_lm import (
-    PRINTED_ABS, REPO, TREES, assert_ok, launch, missing_reason, skip_reason, source_tree, tiny_moe,
+    PRINTED_ABS, REPO, TREES, assert_ok, launch, missing_reason, source_tree, tiny_moe,
 )
 
 # fp32 runs: SwiftMoE and the static layer compute every (token, expert) pair with the same
@@ -25,19 +25,6 @@ from tests.megatron_lm import (
 # all-gather dispatch, replicas summed into shards): differences of a few fp32 ulps per step.
 RTOL = 1e-5
 SWIFTMOE = ["--swiftmoe", "--swiftmoe-slots-per-rank", "3"]
-
-
-@pytest.fixture(scope="module", params=TREES)
-def tree_name(request) -> str:
-    reason = skip_reason(request.param)
-    if reason:
-        pytest.skip(reason)
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def tree(tree_name, patched_checkout) -> Path:
-    return patched_checkout(tree_name)
 
 
 def assert_losses_close(got: dict[int, float], want: dict[int, float], rtol: float = RTOL) -> None:
