@@ -345,36 +345,33 @@ def _swap_pass(
     first, rotated by ``shift``: another partner each pass)."""
     n, s = out.shape
     pairs = min(_SWAP_PAIRS, n // 2)
-    shift %= pairs
     # Two top-k, not a sort (~10x cheaper at N = 4096); the light ones exclude the heavy ones even
     # where loads tie.
     heavy = torch.topk(load, pairs).indices
-    light = torch.topk(load.index_fill(0, heavy, torch.inf), pairs, largest=False).indices
-    ranks = torch.cat([heavy, light[pairs - shift :], light[: pairs - shift]])  # heavy, then their partners
-    light = ranks[pairs:]
-    rows = out.index_select(0, ranks)  # [2P, S]
-    a, b = rows[:pairs], rows[pairs:]
-    row_weight = weight.index_select(0, rows.view(-1)).view(2 * pairs, s)
-    row_load = load.index_select(0, ranks)
-    gap = (row_load[:pairs] - row_load[pairs:]).view(pairs, 1, 1)
-    d = row_weight[:pairs].unsqueeze(2) - row_weight[pairs:].unsqueeze(1)  # [P, S, S]: heavy slot i <-> light slot j
+    light = torch.topk(load.index_fill(0, heavy, torch.inf), pairs, largest=False).indices.roll(shift)
+    a, b = out.index_select(0, heavy), out.index_select(0, light)  # [P, S] each
+    gap = (load.index_select(0, heavy) - load.index_select(0, light)).view(pairs, 1, 1)
+    # [P, S, S]: heavy slot i <-> light slot j
+    d = weight.index_select(0, a.view(-1)).view(pairs, s, 1) - weight.index_select(0, b.view(-1)).view(pairs, 1, s)
     # Both ranks end closer to their mean iff 0 < d < gap, i.e. |gap - 2d| < gap: the new gap.
     score = (gap - 2 * d).abs_()
     ok = score < gap
-    same = a.unsqueeze(2) == b.unsqueeze(1)
+    same = a.view(pairs, s, 1) == b.view(pairs, 1, s)
     if single:  # no rank may hold two copies
         ok &= ~(same.any(2, keepdim=True) | same.any(1, keepdim=True))
     else:
-        row_cap = cap.index_select(0, rows.view(-1)).view(2 * pairs, s)
-        ok &= (same.sum(2) < row_cap[:pairs]).unsqueeze(2) & (same.sum(1) < row_cap[pairs:]).unsqueeze(1)
+        ok &= (same.sum(2, keepdim=True) < cap.index_select(0, a.view(-1)).view(pairs, s, 1)) & (
+            same.sum(1, keepdim=True) < cap.index_select(0, b.view(-1)).view(pairs, 1, s)
+        )
     score = score.masked_fill_(~ok, torch.inf).view(pairs, s * s)
     best = score.argmin(1, keepdim=True)  # (Tensor.min(dim) is ~1000x slower on small CPU tensors, torch 2.13)
-    take = score.gather(1, best).squeeze(1) < torch.inf
+    take = score.gather(1, best) < torch.inf  # [P, 1]
     i, j = best // s, best % s
-    x, y = a.gather(1, i).squeeze(1), b.gather(1, j).squeeze(1)
-    out[heavy, i.squeeze(1)], out[light, j.squeeze(1)] = torch.where(take, y, x), torch.where(take, x, y)
-    moved = d.view(pairs, s * s).gather(1, best).squeeze(1).masked_fill_(~take, 0.0)
-    load.index_add_(0, heavy, -moved).index_add_(0, light, moved)
+    x, y = a.gather(1, i), b.gather(1, j)
+    out.index_copy_(0, heavy, a.scatter_(1, i, torch.where(take, y, x)))
+    out.index_copy_(0, light, b.scatter_(1, j, torch.where(take, x, y)))
+    moved = d.view(pairs, s * s).gather(1, best).mul_(take).view(pairs)
+    load.index_add_(0, heavy, moved, alpha=-1).index_add_(0, light, moved)
 
 
 def rank_loads(popularity: torch.Tensor, placement: torch.Tensor) -> torch.Tensor:
@@ -402,6 +399,7 @@ class SplitLayout(NamedTuple):
     position: torch.Tensor  # [F] sorted position of each flat slot (the inverse of by_expert)
     sorted_expert: torch.Tensor  # [F] expert at each sorted position
     sorted_key: torch.Tensor  # [F] expert * N + rank at each sorted position (non-decreasing)
+    sorted_rank: torch.Tensor  # [F] rank at each sorted position
     bounds: torch.Tensor  # [E + 1] first sorted position of each expert, then F
     segment_start: torch.Tensor  # [F] sorted: bounds[expert]
     segment_first: torch.Tensor  # [F] bool sorted: the first slot of its expert
@@ -432,7 +430,8 @@ def split_layout(placement: torch.Tensor, num_experts: int) -> SplitLayout:
     position = torch.empty_like(index).index_copy_(0, by_expert, index)
     sorted_expert = flat.index_select(0, by_expert)
     rank = torch.arange(n, device=device).repeat_interleave(s)
-    sorted_key = sorted_expert * n + rank.index_select(0, by_expert)
+    sorted_rank = rank.index_select(0, by_expert)
+    sorted_key = sorted_expert * n + sorted_rank
     slots = torch.bincount(flat, minlength=e)
     bounds = torch.nn.functional.pad(torch.cumsum(slots, 0), (1, 0))
     new_pool = torch.ones(n * s, dtype=torch.bool, device=device)
@@ -444,9 +443,9 @@ def split_layout(placement: torch.Tensor, num_experts: int) -> SplitLayout:
     slot_major = lambda values: values.view(n, s).t().contiguous()  # noqa: E731
     flat_to_slot_major = index.view(s, n).t().reshape(-1)  # flat r * S + k -> k * N + r
     return SplitLayout(
-        n, s, flat, by_expert, position, sorted_expert, sorted_key, bounds, segment_start, segment_start == index,
-        pool_start, position - segment_start.index_select(0, position), slots.index_select(0, flat),
-        slot_major(flat).view(-1), flat_to_slot_major.index_select(0, by_expert),
+        n, s, flat, by_expert, position, sorted_expert, sorted_key, sorted_rank, bounds, segment_start,
+        segment_start == index, pool_start, position - segment_start.index_select(0, position),
+        slots.index_select(0, flat), slot_major(flat).view(-1), flat_to_slot_major.index_select(0, by_expert),
         slot_major(first_of_pool / hosts.clamp(min=1)), slot_major((first_of_pool & (hosts > 1)).to(torch.float64)),
     )
 
@@ -499,38 +498,49 @@ def _sorted_rank_quota(totals: torch.Tensor, layout: SplitLayout, rounds: int, s
     over dim 0."""
     n, s = layout.num_ranks, layout.slots_per_rank
     to_sorted = layout.slot_major_by_expert
-    t = totals.to(torch.float64)
-    slot_t = t.index_select(0, layout.slot_major_expert).view(s, n)
+    slot_t = totals.index_select(0, layout.slot_major_expert).view(s, n)
     x = slot_t * layout.share
     w = slot_t * layout.flexible
     w /= w.sum(0).clamp_(min=1.0)  # totals are integers: a positive sum is >= 1
-    inverse = _segment_sum(w.view(-1).index_select(0, to_sorted), layout).clamp_(min=1e-300).reciprocal_()
+    # The mean's weights in sorted order: w over its sum per expert.
+    w_sorted = w.view(-1).index_select(0, to_sorted)
+    w_mean = w_sorted / _segment_sum(w_sorted, layout).clamp_(min=1e-300).index_select(0, layout.sorted_expert)
     w_step = w * step if step != 1.0 else w
     load = x.sum(0)
     equal, equal_max = x, load.max()
     for _ in range(rounds):
-        mean = _segment_sum((w * load).view(-1).index_select(0, to_sorted), layout).mul_(inverse)
+        mean = _segment_sum(w_mean * load.index_select(0, layout.sorted_rank), layout)
         x = x.addcmul(w_step, mean.index_select(0, layout.slot_major_expert).view(s, n) - load).clamp_(min=0.0)
         load = x.sum(0)
     # Never worse than where it started (clamping breaks the diffusion's descent on rare
     # structures). Clamping only adds to an expert's shares, which _round scales back to its
     # total: the unscaled maximum bounds the scaled one from above.
     x = torch.where(load.max() > equal_max, equal, x)
-    return _round(x.view(-1).index_select(0, to_sorted), t, layout)
+    return _round(x.view(-1).index_select(0, to_sorted), totals, layout)
 
 
 def _round(shares: torch.Tensor, totals: torch.Tensor, layout: SplitLayout) -> torch.Tensor:
     """Integer quotas from non-negative shares [F] in sorted order, positive somewhere for every
-    T_e > 0, and totals [E] (float64): per expert, T_e * (its shares so far / all of them)
+    T_e > 0, and integer totals [E]: per expert, T_e * (its shares so far / all of them)
     rounded, differenced. Each quota is within 1 of its scaled share, and each expert's sum to
     T_e exactly: at the end of e's segment the value is w * (T_e / w) for one float w, within an
     ulp of T_e, which rounds to T_e below 2^52."""
-    scan = torch.nn.functional.pad(torch.cumsum(shares, 0), (1, 0))
+    scan = _exclusive_cumsum(shares)
     ends = scan.index_select(0, layout.bounds)
     ratio = (totals / torch.diff(ends).clamp_(min=1e-300)).index_select(0, layout.sorted_expert)
-    # Nearest, not floor: a floor would give every fraction to each expert's last pool.
-    cumulative = (scan[1:] - ends.index_select(0, layout.sorted_expert)).mul_(ratio).add_(0.5).floor_().to(torch.int64)
-    return cumulative - torch.nn.functional.pad(cumulative[:-1], (1, 0)).masked_fill_(layout.segment_first, 0)
+    start = ends.index_select(0, layout.sorted_expert)
+    # Slot j's cumulative quota through itself (column 1) and through the slot before it (column
+    # 0: the same expression, 0 for the first slot of a segment). Nearest, not floor: a floor
+    # would give every fraction to each expert's last pool. Integral floats: the difference is exact.
+    cumulative = (scan.unfold(0, 2, 1) - start.unsqueeze(1)).mul_(ratio.unsqueeze(1)).add_(0.5).floor_()
+    return (cumulative[:, 1] - cumulative[:, 0]).to(torch.int64)
+
+
+def _exclusive_cumsum(values: torch.Tensor) -> torch.Tensor:
+    """[F] -> [F + 1]: 0, then the running sums."""
+    scan = values.new_zeros(values.numel() + 1)
+    torch.cumsum(values, 0, out=scan[1:])
+    return scan
 
 
 class SplitPlan(NamedTuple):
@@ -553,21 +563,21 @@ def plan_split(totals: torch.Tensor, own: torch.Tensor, layout: SplitLayout, rul
     """
     if rule not in SPLIT_RULES:
         raise ValueError(f"split rule must be one of {SPLIT_RULES}, got {rule!r}")
+    own = own.reshape(-1).to(torch.int64).index_select(0, layout.by_expert)
     if rule == "rank":
         sorted_quota = _sorted_rank_quota(totals, layout, QUOTA_ROUNDS, QUOTA_STEP)
         quota = sorted_quota.index_select(0, layout.position)
+        keep = torch.minimum(own, sorted_quota)  # a pool's first slot takes its whole quota
     else:
         quota = replica_quota(totals, layout)
         sorted_quota = quota.index_select(0, layout.by_expert)
-    before = torch.cumsum(sorted_quota, 0) - sorted_quota
-    earlier_in_pool = before - before.index_select(0, layout.pool_start)
-    own = own.reshape(-1).to(torch.int64).index_select(0, layout.by_expert)
-    keep = (own - earlier_in_pool).clamp_(min=0).minimum(sorted_quota)
+        before = torch.cumsum(sorted_quota, 0) - sorted_quota
+        earlier_in_pool = before - before.index_select(0, layout.pool_start)
+        keep = (own - earlier_in_pool).clamp_(min=0).minimum(sorted_quota)
     demand = sorted_quota - keep
     hi = torch.cumsum(demand, 0)
     hi -= (hi - demand).index_select(0, layout.segment_start)
-    kept_scan = torch.nn.functional.pad(torch.cumsum(keep, 0), (1, 0))
-    return SplitPlan(quota, keep.index_select(0, layout.position), hi - demand, hi, kept_scan)
+    return SplitPlan(quota, keep.index_select(0, layout.position), hi - demand, hi, _exclusive_cumsum(keep))
 
 
 def source_index(layout: SplitLayout, ranks: torch.Tensor) -> torch.Tensor:
@@ -589,18 +599,18 @@ def source_sends(
     ``source_index(layout, ranks)`` if already known. Row b sums to kept[b] per expert; column
     j, summed over all N sources, is ``plan.quota[j]``.
     """
-    below, upto = source_index(layout, ranks) if index is None else index
     scan = plan.kept_scan
-    at_below = scan[below]
+    at_below, at_upto = scan.take(source_index(layout, ranks) if index is None else index)
     kept_below = at_below - scan.index_select(0, layout.bounds[:-1])  # local pairs of e on lower ranks
-    remote = kept.to(torch.int64) - (scan[upto] - at_below)  # minus the source's own kept pairs
+    remote = kept.to(torch.int64) - (at_upto - at_below)  # minus the source's own kept pairs
     start = (earlier.to(torch.int64) - kept_below).index_select(1, layout.sorted_expert)
     end = start + remote.index_select(1, layout.sorted_expert)
     sends = (torch.minimum(end, plan.demand_hi) - torch.maximum(start, plan.demand_lo)).clamp_(min=0)
     sends = sends.index_select(1, layout.position)
-    s = layout.slots_per_rank
-    own = ranks[:, None] * s + torch.arange(s, device=ranks.device)
-    return sends.scatter_add_(1, own, plan.keep[own])
+    b, n, s = ranks.numel(), layout.num_ranks, layout.slots_per_rank
+    own_keep = plan.keep.view(n, s).index_select(0, ranks).view(b, 1, s)
+    sends.view(b, n, s).scatter_add_(1, ranks.view(b, 1, 1).expand(b, 1, s), own_keep)
+    return sends
 
 
 def split_lower_bound(totals: torch.Tensor, layout: SplitLayout, loads: torch.Tensor) -> torch.Tensor:
