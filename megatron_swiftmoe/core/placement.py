@@ -402,7 +402,6 @@ class SplitLayout(NamedTuple):
     sorted_rank: torch.Tensor  # [F] rank at each sorted position
     bounds: torch.Tensor  # [E + 1] first sorted position of each expert, then F
     segment_start: torch.Tensor  # [F] sorted: bounds[expert]
-    segment_first: torch.Tensor  # [F] bool sorted: the first slot of its expert
     pool_start: torch.Tensor  # [F] sorted: position of the first slot of the slot's pool
     occurrence: torch.Tensor  # [F] flat: index of the slot among its expert's slots
     slots: torch.Tensor  # [F] flat: slots of the slot's expert
@@ -433,7 +432,7 @@ def split_layout(placement: torch.Tensor, num_experts: int) -> SplitLayout:
     sorted_rank = rank.index_select(0, by_expert)
     sorted_key = sorted_expert * n + sorted_rank
     slots = torch.bincount(flat, minlength=e)
-    bounds = torch.nn.functional.pad(torch.cumsum(slots, 0), (1, 0))
+    bounds = _exclusive_cumsum(slots)
     new_pool = torch.ones(n * s, dtype=torch.bool, device=device)
     new_pool[1:] = sorted_key[1:] != sorted_key[:-1]
     pool_start = torch.cummax(torch.where(new_pool, index, 0), 0).values
@@ -443,9 +442,9 @@ def split_layout(placement: torch.Tensor, num_experts: int) -> SplitLayout:
     slot_major = lambda values: values.view(n, s).t().contiguous()  # noqa: E731
     flat_to_slot_major = index.view(s, n).t().reshape(-1)  # flat r * S + k -> k * N + r
     return SplitLayout(
-        n, s, flat, by_expert, position, sorted_expert, sorted_key, sorted_rank, bounds, segment_start,
-        segment_start == index, pool_start, position - segment_start.index_select(0, position),
-        slots.index_select(0, flat), slot_major(flat).view(-1), flat_to_slot_major.index_select(0, by_expert),
+        n, s, flat, by_expert, position, sorted_expert, sorted_key, sorted_rank, bounds, segment_start, pool_start,
+        position - segment_start.index_select(0, position), slots.index_select(0, flat), slot_major(flat).view(-1),
+        flat_to_slot_major.index_select(0, by_expert),
         slot_major(first_of_pool / hosts.clamp(min=1)), slot_major((first_of_pool & (hosts > 1)).to(torch.float64)),
     )
 
